@@ -1,0 +1,94 @@
+"""The run-time coefficient ``c``: a float or one value per sample, kept in tensors updated in place.
+
+One 0-d (or ``(batch,)``) tensor per device the adapter lives on, so each hook reads ``c`` on its
+own layer's device, and a Python mirror of scalar values, so the ``c == 0`` shortcut never reads a
+tensor (no GPU sync). Updating in place keeps the tensor's identity, so a ``torch.compile``d
+model is not recompiled when only ``c`` changes.
+"""
+
+import math
+from numbers import Real
+
+import torch
+
+from ._types import Coeff
+
+
+def validate_coeff(c: Coeff) -> float | torch.Tensor:
+    """Check ``c`` and return it as a float or a 1-D float tensor.
+
+    Raises:
+        TypeError: not a number or tensor.
+        ValueError: non-finite values, or a tensor that is neither 0-d nor ``(batch,)``.
+    """
+    if isinstance(c, bool):
+        raise TypeError("coefficient c must be a number or a tensor, got a bool")
+    if isinstance(c, Real):
+        value = float(c)
+        if not math.isfinite(value):
+            raise ValueError(f"coefficient c must be finite, got {value}")
+        return value
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(
+            f"coefficient c must be a float or a (batch,) tensor, got {type(c).__name__}"
+        )
+    if c.dim() == 0:
+        return validate_coeff(float(c))
+    if c.dim() != 1 or c.numel() == 0:
+        raise ValueError(f"per-sample coefficient c must have shape (batch,), got {tuple(c.shape)}")
+    if not c.dtype.is_floating_point:
+        c = c.float()
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError(f"coefficient c must be finite, got {c.tolist()}")
+    return c.detach()
+
+
+class Coefficient:
+    """Holds ``c`` for one adapter; hooks read it with :meth:`on`."""
+
+    def __init__(self, value: Coeff = 1.0) -> None:
+        self._tensors: dict[torch.device, torch.Tensor] = {}
+        self._scalar: float | None = None
+        self._per_sample: torch.Tensor | None = None
+        self.set(value)
+
+    def set(self, c: Coeff) -> None:
+        """Validate and store ``c``, updating every device's tensor in place when shapes agree."""
+        value = validate_coeff(c)
+        if isinstance(value, float):
+            self._scalar, self._per_sample = value, None
+        else:
+            self._scalar, self._per_sample = None, value
+        for device, tensor in list(self._tensors.items()):
+            self._tensors[device] = self._write(tensor, device)
+
+    def _write(self, tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        if self._scalar is not None:
+            if tensor is None or tensor.dim() != 0:
+                return torch.tensor(self._scalar, dtype=torch.float32, device=device)
+            return tensor.fill_(self._scalar)
+        source = self._per_sample
+        if tensor is None or tensor.shape != source.shape:
+            return source.to(device=device, dtype=torch.float32, copy=True)
+        return tensor.copy_(source)
+
+    @property
+    def value(self) -> float | torch.Tensor:
+        """The coefficient: a float, or a ``(batch,)`` tensor (a copy)."""
+        return self._scalar if self._scalar is not None else self._per_sample.clone()
+
+    @property
+    def is_zero(self) -> bool:
+        """Scalar ``c == 0`` (read from the Python mirror, no device sync)."""
+        return self._scalar == 0.0
+
+    @property
+    def per_sample(self) -> bool:
+        return self._per_sample is not None
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """``c`` on ``device`` (0-d or ``(batch,)``); the same tensor object across updates."""
+        tensor = self._tensors.get(device)
+        if tensor is None:
+            tensor = self._tensors[device] = self._write(None, device)
+        return tensor

@@ -1,0 +1,278 @@
+"""The one hook machinery every adapter kind shares.
+
+Every adapter is a low-rank delta ``ΔW(c) = B(c) @ A`` per target. A subclass only says how to
+get its factors (:meth:`LowRankAdapter.hook_factors`); this module attaches a forward hook per
+target that adds ``scale · c · (x @ A.T) @ B.T`` to the layer's output, without materialising
+``ΔW``. It also owns the lifetime rules: ``with adapter(model, c=...)`` attaches on entry and
+always detaches on exit; ``attach`` / ``set_coeff`` / ``detach`` is the persistent form;
+re-entry and a model other than the one the adapter was built on raise.
+
+Gradient checkpointing: the hooks must still be attached when backward recomputes the forward,
+so run ``loss.backward()`` inside the ``with`` block. Leaving the block with a checkpointed
+model that ran a grad-enabled forward logs a warning.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from torch import Tensor, nn
+
+from ._types import Coeff, FactorA, FactorB
+from .coefficient import Coefficient
+from .layout import Target, TargetLayout
+
+
+class AdapterStateError(RuntimeError):
+    """An adapter was used in a state that does not allow it (re-entry, detach when detached)."""
+
+
+def _name_model(model: nn.Module) -> str:
+    return f"{type(model).__name__} at {id(model):#x}"
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    """transformers' activation (gradient) checkpointing flag, under its old or new name."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+class LowRankAdapter:
+    """Base class: an adapter whose delta on each target is ``B(c) @ A``.
+
+    Subclasses implement :meth:`hook_factors` (differentiable factors and a static scale) and
+    may override :meth:`dropout`.
+
+    Attributes:
+        layout: the :class:`~modlora.layout.TargetLayout` the adapter was built on.
+        enabled: an on/off switch read by every hook call (``False`` → base output).
+        gate: optional callable; when set, the hooks add the delta only while it returns True.
+    """
+
+    kind: ClassVar[str] = "lowrank"
+
+    def __init__(self, model: nn.Module, layout: TargetLayout) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"an adapter needs an nn.Module, got {type(model).__name__}")
+        self._model = model
+        self.layout = layout
+        self._coeff = Coefficient(1.0)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_forward_seen = False
+        self.training = False
+        self.enabled = True
+        self.gate: Callable[[], bool] | None = None
+        self.deployed_c: float | None = None  # the calibrated c stored with a checkpoint
+        self.extra_meta: dict = {}  # the user's metadata stored with a checkpoint
+        # called with the adapter at the start of attach(); a guard raises to refuse (checkpoint.py
+        # uses one to stop two copies of one checkpoint being attached to a model at once)
+        self.attach_guards: list[Callable[[LowRankAdapter], None]] = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path, extra_meta: dict | None = None, c: float | int | None = None) -> None:
+        """Write the adapter to one ``.safetensors`` file (see :mod:`modlora.checkpoint`).
+
+        Args:
+            path: destination file (written atomically).
+            extra_meta: JSON-serialisable user metadata.
+            c: the calibrated / deployed coefficient to record.
+        """
+        from .checkpoint import save_adapter
+
+        save_adapter(self, path, extra_meta=extra_meta, c=c)
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, path, **kwargs) -> "LowRankAdapter":
+        """Rebuild an adapter of this kind from a file written by :meth:`save` (in eval mode)."""
+        from .checkpoint import load_adapter
+
+        adapter = load_adapter(model, path, expect=cls, **kwargs)
+        if not isinstance(adapter, cls):
+            raise TypeError(f"{path} holds a {type(adapter).__name__}, not a {cls.__name__}")
+        return adapter
+
+    # ------------------------------------------------------------------ subclass contract
+    def hook_factors(self, target: Target) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scale)`` for ``target`` with ``ΔW(c) = c · scale · B @ A``; differentiable."""
+        raise NotImplementedError
+
+    def dropout(self, x: Tensor) -> Tensor:
+        """Applied to the adapter's input in training mode; identity by default."""
+        return x
+
+    # ------------------------------------------------------------------ factors
+    @torch.no_grad()
+    def delta_factors(self, c: float | int = 1.0) -> dict[str, tuple[FactorA, FactorB]]:
+        """The delta at coefficient ``c`` as factors, ``{target name: (A, B)}``, ``ΔW = B @ A``.
+
+        ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)`` with ``c`` and the scale folded in, both
+        float32, detached, on the target's device, in the logical ``(d_out, d_in)`` orientation
+        (also for GPT-2 ``Conv1D``, whose weight is stored transposed).
+        """
+        value = Coefficient(c).value
+        if not isinstance(value, float):
+            raise ValueError("delta_factors needs a scalar c (a merged weight has one delta)")
+        out = {}
+        for target in self.layout:
+            a, b, scale = self.hook_factors(target)
+            out[target.name] = (a.float().clone(), b.float() * (value * scale))
+        return out
+
+    # ------------------------------------------------------------------ coefficient
+    @property
+    def c(self) -> float | Tensor:
+        """The current coefficient (a float, or a ``(batch,)`` tensor)."""
+        return self._coeff.value
+
+    def set_coeff(self, c: Coeff) -> None:
+        """Change ``c`` in place (no re-attach, no recompilation of a compiled model).
+
+        Args:
+            c: a finite number, or a finite ``(batch,)`` tensor of per-sample coefficients.
+        """
+        self._coeff.set(c)
+
+    # ------------------------------------------------------------------ train / eval
+    def train(self, mode: bool = True) -> "LowRankAdapter":
+        """Training mode turns dropout on; returns ``self``."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "LowRankAdapter":
+        return self.train(False)
+
+    # ------------------------------------------------------------------ lifetime
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the adapter was built on."""
+        return self._model
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise unless ``model`` is the one this adapter was built on."""
+        if model is not self._model:
+            raise ValueError(
+                f"{type(self).__name__} was built on {_name_model(self._model)}, "
+                f"not on the {_name_model(model)} passed here"
+            )
+
+    def attach(self, model: nn.Module, c: Coeff = 1.0) -> "LowRankAdapter":
+        """Register the hooks (persistent form); ``detach()`` removes them.
+
+        Raises:
+            AdapterStateError: already attached, or one of ``attach_guards`` refused.
+            ValueError: ``model`` is not the one the adapter was built on, or ``c`` is invalid.
+        """
+        self.check_model(model)
+        if self.attached:
+            raise AdapterStateError(
+                f"{type(self).__name__} is already attached to {_name_model(model)}; "
+                "detach() it (or leave its with-block) before attaching again"
+            )
+        for guard in self.attach_guards:
+            guard(self)
+        self._coeff.set(c)
+        for target in self.layout:
+            self._coeff.on(target.device)  # create every device's tensor now, not while tracing
+        handles = []
+        try:
+            for target in self.layout:
+                handles.append(target.module.register_forward_hook(self._make_hook(target)))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        self._handles = handles
+        self._grad_forward_seen = False
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks.
+
+        Raises:
+            AdapterStateError: not attached.
+        """
+        if not self.attached:
+            raise AdapterStateError(f"{type(self).__name__} is not attached")
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._grad_forward_seen and _is_checkpointing(self._model):
+            logger.warning(
+                "{} detached from a gradient-checkpointed model after a grad-enabled forward: "
+                "run backward inside the with-block, or the recomputed forward has no adapter",
+                type(self).__name__,
+            )
+
+    @contextmanager
+    def _attached(self, model: nn.Module, c: Coeff) -> Iterator["LowRankAdapter"]:
+        self.attach(model, c)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def __call__(self, model: nn.Module, c: Coeff = 1.0):
+        """``with adapter(model, c=1.5): ...`` — hooks on entry, removed on exit (also on errors).
+
+        The model and ``c`` are checked here, before the block is entered.
+        """
+        self.check_model(model)
+        if self.attached:
+            raise AdapterStateError(
+                f"{type(self).__name__} is already attached; a with-block cannot re-enter it"
+            )
+        Coefficient(c)  # validate now, not on entry
+        return self._attached(model, c)
+
+    # ------------------------------------------------------------------ the hook
+    def _active(self) -> bool:
+        return self.enabled and (self.gate is None or bool(self.gate()))
+
+    def _make_hook(self, target: Target):
+        coeff = self._coeff
+        device = target.device
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if not self._active():
+                return output
+            if not torch.compiler.is_compiling() and coeff.is_zero:
+                return output
+            if torch.is_grad_enabled():
+                self._grad_forward_seen = True
+            return output + self._delta(target, args[0], coeff.on(device), output.dtype)
+
+        return hook
+
+    def _delta(
+        self,
+        target: Target,
+        x: Tensor,
+        c: Tensor,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        """``c · scale · (x @ A.T) @ B.T``, shape ``(*lead, d_out)`` (hot path: no runtime checks)."""
+        a, b, scale = self.hook_factors(target)
+        if c.dim() == 1 and (x.dim() < 2 or x.shape[0] != c.shape[0]):
+            raise ValueError(
+                f"per-sample coefficient has {c.shape[0]} values but the input of "
+                f"{target.name!r} has shape {tuple(x.shape)} (batch must be the first axis)"
+            )
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        if self.training:
+            x = self.dropout(x)
+        h = F.linear(x, a)  # (*lead, r)
+        s = c * scale  # a fresh tensor: autograd never saves the coefficient itself
+        if s.dim() == 1:
+            s = s.view(-1, *([1] * (h.dim() - 1)))  # (batch, 1, ..., 1)
+        delta = F.linear(h * s, b)  # (*lead, d_out)
+        return delta if delta.dtype == out_dtype else delta.to(out_dtype)
