@@ -75,12 +75,12 @@ def top_singular(
     """fp32 SVD of ``weight``; with ``randomized`` only the top ``r`` directions are returned.
 
     ``auto`` takes the randomized path (``torch.svd_lowrank``, oversampled, ``niter`` power
-    iterations) when ``r`` is at most a quarter of ``min(d_out, d_in)``.
+    iterations) when ``r`` is at most a quarter of ``k = min(d_out, d_in)`` and ``k >= 256``.
     """
     w = weight.float()
     k = min(w.shape)
     if method == "auto":
-        method = "randomized" if 4 * r <= k else "full"
+        method = "randomized" if 4 * r <= k and k >= 256 else "full"  # small: full is cheaper
     if method == "full":
         return torch.linalg.svd(w, full_matrices=False)
     if method != "randomized":
