@@ -1,0 +1,381 @@
+"""Merge an adapter into a live model's weights (``W += B(c) @ A``), verified and reversible.
+
+The merge reuses :meth:`~modlora.hooks.LowRankAdapter.delta_factors`, so it cannot disagree with
+the hooks — and it proves it: every merged layer is run on a probe input and compared with the
+base layer plus the hook's own delta (``LowRankAdapter._delta``). Any failure restores every
+weight touched so far, bit for bit, and raises :class:`MergeError` naming the target, the shapes
+and the reason. Nothing is ever skipped silently.
+
+Decisions:
+
+* The update is accumulated in float32 (``W.float() + B @ A``) and cast to the weight's dtype
+  once, so a bf16 weight gets the correctly rounded merged value (a naive bf16 add rounds twice).
+* The originals are kept so :func:`unmerge` is bit-exact; ``store="cpu"`` (default) keeps them in
+  CPU memory, ``store="device"`` on each layer's own device.
+* A merged adapter may not be merged again before :func:`unmerge`; merges of different adapters
+  may stack and are undone last-in first-out where they share targets.
+* An *attached* adapter is refused (its hooks would add the delta a second time); detach it (a
+  :class:`~modlora.HistoryBake`: ``remove()``) first. Likewise a merged adapter refuses to attach
+  until it is unmerged (an ``attach_guards`` entry). ``enabled``/``gate`` are run-time switches
+  that a plain weight cannot have: the merge ignores them.
+* Refused before anything is written: quantized or meta/offloaded weights, a weight tied to another
+  parameter (``lm_head`` sharing the embedding), a non-float weight, factors that do not fit.
+"""
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from loguru import logger
+from torch import Tensor, nn
+
+from ._types import Coeff
+from .coefficient import Coefficient, validate_coeff
+from .hooks import AdapterStateError, LowRankAdapter
+from .layout import Target, is_quantized
+
+PROBE_ROWS = 4
+"""Rows of the random probe input each merged layer is checked on."""
+PROBE_SEED = 0
+NOISE_SIGMAS = 4.0
+"""Allowance, in units of the dtype's expected rounding noise (see :func:`check_merged`)."""
+
+
+class MergeError(RuntimeError):
+    """A target could not be merged; the model (or output folder) was left as it was.
+
+    Attributes:
+        target: the target's name.
+        reason: what went wrong.
+    """
+
+    def __init__(self, target: str, reason: str, detail: str = "") -> None:
+        self.target, self.reason = target, reason
+        super().__init__(f"cannot merge target {target!r}: {reason}{detail}")
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What :func:`merge` did.
+
+    Attributes:
+        kind: the adapter kind (``lora``, ``pissa``, ``history``...).
+        c: the coefficient merged.
+        attempted: targets the adapter has.
+        applied: targets merged (equal to ``attempted``: anything else raises).
+        worst_rel_error: largest ``‖merged − hooked‖ / ‖hooked delta‖`` on the probe inputs
+            (0 where the delta is exactly zero).
+        worst_target: the target with that error (``None`` if every delta is zero).
+        below_resolution: targets whose delta is nonzero but below the weight dtype's rounding
+            noise on the probe: merged as well as the dtype allows, yet barely visible.
+        targets: the merged targets, in order.
+    """
+
+    kind: str
+    c: float
+    attempted: int
+    applied: int
+    worst_rel_error: float
+    worst_target: str | None
+    below_resolution: tuple[str, ...]
+    targets: tuple[str, ...]
+
+
+@dataclass
+class _Merged:
+    adapter: LowRankAdapter
+    c: float
+    originals: dict[str, Tensor]  # target name -> original weight, storage layout
+    sums: dict[str, tuple[float, float]]  # fingerprint of the merged weight (sum, sum of |w|)
+
+
+_MERGES: "weakref.WeakKeyDictionary[nn.Module, list[_Merged]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(weight: Tensor) -> tuple[float, float]:
+    w = weight.detach().double()
+    return float(w.sum()), float(w.abs().sum())
+
+
+def merged_weight(
+    weight: Float[Tensor, "d_out d_in"], a: Float[Tensor, "r d_in"], b: Float[Tensor, "d_out r"]
+) -> Float[Tensor, "d_out d_in"]:
+    """``W + B @ A`` accumulated in float32, cast once to ``W``'s dtype (a new tensor)."""
+    return torch.addmm(weight.float(), b.float(), a.float()).to(weight.dtype)
+
+
+def check_merged(
+    name: str,
+    y_base: Float[Tensor, "n d_out"],
+    y_merged: Float[Tensor, "n d_out"],
+    delta: Float[Tensor, "n d_out"],
+    col_norms: Float[Tensor, " d_in"],
+    x: Float[Tensor, "n d_in"],
+    dtype: torch.dtype,
+    rtol: float,
+) -> tuple[float, bool]:
+    """Compare a merged layer's output with ``base output + hooked delta`` on probe rows ``x``.
+
+    The allowance is ``rtol · ‖δ‖`` plus ``NOISE_SIGMAS`` times the rounding noise expected from
+    storing the weight in ``dtype``: ``eps(dtype) · (‖y‖ + ‖s‖) + eps(fp32) · sqrt(d_in) · ‖s‖``
+    with ``‖s‖² = Σ_j ‖x_{:,j}‖² ‖W_{:,j}‖²`` (the root-sum-square size of the products).
+
+    Returns:
+        ``(relative error ‖merged − ref‖ / ‖δ‖ (0 if δ = 0), δ below the noise floor)``.
+
+    Raises:
+        MergeError: the difference exceeds the allowance (a verification miss).
+    """
+    y_ref = y_base + delta
+    err = float(torch.linalg.vector_norm(y_merged - y_ref))
+    size = float(torch.linalg.vector_norm(delta))
+    s = float(torch.sqrt((x.float().square().sum(0) * col_norms.square()).sum()))
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    noise = eps * (float(torch.linalg.vector_norm(y_base)) + s) + eps32 * math.sqrt(x.shape[-1]) * s
+    allowed = rtol * size + NOISE_SIGMAS * noise
+    if not math.isfinite(err) or err > allowed:
+        raise MergeError(
+            name,
+            "verification miss: the merged layer does not reproduce the hooked forward",
+            f" (‖merged − hooked‖ = {err:.3e}, ‖delta‖ = {size:.3e}, allowed {allowed:.3e})",
+        )
+    rel = err / size if size > 0 else 0.0
+    return rel, 0 < size <= NOISE_SIGMAS * noise
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    by_storage: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(p.data_ptr(), []).append(pname)
+    return by_storage
+
+
+def _validate(model: nn.Module, adapter: LowRankAdapter, factors: dict) -> None:
+    """Every check that needs no write; raises MergeError on the first bad target."""
+    modules = dict(model.named_modules())
+    storages = _tied_names(model)
+    for target in adapter.layout:
+        name, module = target.name, target.module
+        a, b = factors[name]
+        where = f" (A {tuple(a.shape)}, B {tuple(b.shape)})"
+        if modules.get(name) is not module:
+            raise MergeError(name, "the model no longer has this layer under that name", where)
+        weight = module.weight
+        if target.quantized or is_quantized(module):
+            raise MergeError(
+                name,
+                f"the layer is quantized ({type(weight).__name__}, {weight.dtype}) and modlora "
+                "cannot dequantize it; load the base unquantized to merge",
+                where,
+            )
+        if weight.device.type == "meta":
+            raise MergeError(name, "the weight is on the meta device (offloaded?)", where)
+        logical = tuple(target.dense_weight().shape)
+        if logical != (target.d_out, target.d_in) or a.shape[1:] != (target.d_in,):
+            raise MergeError(
+                name,
+                f"shape mismatch: weight {tuple(weight.shape)} (logical {logical}), layout "
+                f"(d_out={target.d_out}, d_in={target.d_in})",
+                where,
+            )
+        if b.shape != (target.d_out, a.shape[0]):
+            raise MergeError(name, "shape mismatch between the factors", where)
+        tied = [n for n in storages.get(weight.data_ptr(), []) if n != f"{name}.weight"]
+        if tied:
+            raise MergeError(
+                name,
+                f"its weight is shared with {tied}; merging would change those too "
+                "(exclude this layer, or untie the weights first)",
+            )
+        if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise MergeError(name, "the adapter's factors hold non-finite values", where)
+
+
+@torch.no_grad()
+def _merge_target(
+    target: Target, a: Tensor, b: Tensor, adapter: LowRankAdapter, c: Tensor, rtol: float
+) -> tuple[float, bool]:
+    module, weight = target.module, target.dense_weight()  # (d_out, d_in) view
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    x = torch.randn(PROBE_ROWS, target.d_in, generator=gen).to(target.device, weight.dtype)
+    y_base = module.forward(x).float()
+    delta = adapter._delta(target, x, c, torch.float32)  # the hook's own math, fp32
+    new = merged_weight(weight, a, b)
+    if not bool(torch.isfinite(new).all()):
+        raise MergeError(
+            target.name,
+            f"the merged weight is not finite in {weight.dtype}",
+            f" (weight {tuple(weight.shape)}, max |ΔW| {float((b @ a).abs().max()):.3e})",
+        )
+    weight.copy_(new)
+    y_merged = module.forward(x).float()
+    col_norms = torch.linalg.vector_norm(new.float(), dim=0)  # (d_in,)
+    return check_merged(target.name, y_base, y_merged, delta, col_norms, x, weight.dtype, rtol)
+
+
+def merge(
+    model: nn.Module,
+    adapter: LowRankAdapter,
+    c: Coeff | None = 1.0,
+    *,
+    rtol: float = 1e-3,
+    store: str = "cpu",
+) -> MergeReport:
+    """Merge ``adapter`` at coefficient ``c`` into ``model``'s weights, in place.
+
+    Args:
+        model: the model the adapter was built on.
+        adapter: any modlora adapter (LoRA, PiSSA, HistoryBake), not attached.
+        c: the coefficient to bake in; ``None`` uses the adapter's ``deployed_c``.
+        rtol: allowed relative error of the merged layer's output against the hooked
+            forward (on top of the weight dtype's rounding noise).
+        store: where the originals are kept for :func:`unmerge`: ``"cpu"`` or ``"device"``.
+
+    Returns:
+        A :class:`MergeReport`.
+
+    Raises:
+        ValueError: another model, a per-sample or invalid ``c``, a bad ``store``.
+        AdapterStateError: the adapter is attached or already merged into this model.
+        MergeError: a target could not be merged or failed verification; every weight touched
+            was restored bit for bit first.
+    """
+    if not isinstance(adapter, LowRankAdapter):
+        raise TypeError(f"merge needs a modlora adapter, got {type(adapter).__name__}")
+    adapter.check_model(model)
+    if c is None:
+        if adapter.deployed_c is None:
+            raise ValueError("c=None uses the adapter's deployed_c, but it has none; pass c")
+        c = adapter.deployed_c
+    value = validate_coeff(c)
+    if not isinstance(value, float):
+        raise ValueError("merge needs a scalar c: a merged weight holds one delta")
+    if store not in ("cpu", "device"):
+        raise ValueError(f"store must be 'cpu' or 'device', got {store!r}")
+    kind = type(adapter).__name__
+    if adapter.attached:
+        raise AdapterStateError(
+            f"{kind} is attached: merging it would apply its delta twice; detach() it "
+            "(HistoryBake: remove()) before merging"
+        )
+    stack = _MERGES.setdefault(model, [])
+    if any(m.adapter is adapter for m in stack):
+        raise AdapterStateError(f"{kind} is already merged into this model; unmerge() it first")
+
+    factors = adapter.delta_factors(value)
+    _validate(model, adapter, factors)
+    coeff = Coefficient(value)
+    originals: dict[str, Tensor] = {}
+    results: dict[str, tuple[float, bool]] = {}
+    was_training = adapter.training
+    adapter.training = False  # no dropout in the probe's hooked delta
+    try:
+        for target in adapter.layout:
+            weight = target.module.weight
+            keep = weight.detach().to("cpu", copy=True) if store == "cpu" else weight.clone()
+            originals[target.name] = keep
+            a, b = factors[target.name]
+            try:
+                results[target.name] = _merge_target(
+                    target, a, b, adapter, coeff.on(target.device), rtol
+                )
+            except MergeError:
+                raise
+            except Exception as err:
+                raise MergeError(target.name, f"{type(err).__name__}: {err}") from err
+    except BaseException as err:
+        _restore(adapter, originals)
+        if isinstance(err, MergeError):
+            err.args = (f"{err.args[0]}; restored {len(originals)} weight(s): model unchanged",)
+        raise
+    finally:
+        adapter.training = was_training
+
+    sums = {t.name: _fingerprint(t.module.weight) for t in adapter.layout}
+    stack.append(_Merged(adapter, value, originals, sums))
+    guards = getattr(adapter, "attach_guards", None)
+    if guards is not None and _refuse_while_merged not in guards:
+        guards.append(_refuse_while_merged)
+    nonzero = {n: r for n, r in results.items() if r[0] > 0}
+    worst = max(nonzero, key=lambda n: nonzero[n][0]) if nonzero else None
+    faint = tuple(n for n, (_, below) in results.items() if below)
+    if faint:
+        logger.warning(
+            "merge: the delta of {} target(s) (e.g. {}) is below the rounding noise of their "
+            "dtype; merged as exactly as the dtype allows",
+            len(faint),
+            faint[0],
+        )
+    return MergeReport(
+        kind=adapter.kind,
+        c=value,
+        attempted=len(adapter.layout),
+        applied=len(results),
+        worst_rel_error=nonzero[worst][0] if worst else 0.0,
+        worst_target=worst,
+        below_resolution=faint,
+        targets=tuple(results),
+    )
+
+
+def _refuse_while_merged(adapter: LowRankAdapter) -> None:
+    """An attach guard: a merged adapter's hooks would add its delta a second time."""
+    if any(m.adapter is adapter for m in _MERGES.get(adapter.model, [])):
+        raise AdapterStateError(
+            f"{type(adapter).__name__} is merged into the model's weights; attaching it would "
+            "apply its delta twice — unmerge() it first"
+        )
+
+
+@torch.no_grad()
+def _restore(adapter: LowRankAdapter, originals: dict[str, Tensor]) -> None:
+    for name, original in originals.items():
+        adapter.layout[name].module.weight.copy_(original)
+
+
+def unmerge(model: nn.Module, adapter: LowRankAdapter, *, force: bool = False) -> None:
+    """Restore the weights :func:`merge` changed, bit for bit.
+
+    Args:
+        model: the model ``adapter`` was merged into.
+        adapter: the merged adapter.
+        force: restore even if the merged weights were changed since the merge (that change is
+            then lost).
+
+    Raises:
+        AdapterStateError: ``adapter`` is not merged into ``model``; or a later merge on the
+            same targets is still in place (unmerge that one first).
+        RuntimeError: a merged weight changed shape, dtype or values since the merge (values:
+            unless ``force``). Nothing is restored in that case.
+    """
+    stack = _MERGES.get(model, [])
+    index = next((i for i, m in enumerate(stack) if m.adapter is adapter), None)
+    if index is None:
+        raise AdapterStateError(f"{type(adapter).__name__} is not merged into this model")
+    entry = stack[index]
+    for later in stack[index + 1 :]:
+        shared = sorted(set(later.originals) & set(entry.originals))
+        if shared:
+            raise AdapterStateError(
+                f"{type(later.adapter).__name__} was merged later on the same targets "
+                f"(e.g. {shared[0]!r}); unmerge it first"
+            )
+    for name, original in entry.originals.items():
+        weight = adapter.layout[name].module.weight
+        if weight.shape != original.shape or weight.dtype != original.dtype:
+            raise RuntimeError(
+                f"cannot unmerge {name!r}: the weight is now {tuple(weight.shape)} {weight.dtype}, "
+                f"it was {tuple(original.shape)} {original.dtype} when merged"
+            )
+        if not force and _fingerprint(weight) != entry.sums[name]:
+            raise RuntimeError(
+                f"cannot unmerge {name!r}: its weight changed since the merge (trained or edited?); "
+                "unmerge(..., force=True) restores the pre-merge weight and drops that change"
+            )
+    _restore(adapter, entry.originals)
+    del stack[index]
+    guards = getattr(adapter, "attach_guards", None)
+    if guards is not None and _refuse_while_merged in guards:
+        guards.remove(_refuse_while_merged)
