@@ -1,0 +1,1 @@
+"""Embedded data sets: the templated sentiment set (:mod:`.sentiment`) and the persona JSONL files."""

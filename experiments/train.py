@@ -1,0 +1,220 @@
+"""``python -m experiments.train``: train, calibrate and evaluate one steering adapter.
+
+Writes into the Hydra run folder: ``adapter.safetensors`` (the config, metrics and calibrated
+``c`` in its metadata), ``metrics.json``, ``plot.png`` (trait score and coherence against ``c``),
+``train.log`` (loguru) and, with ``train.save_state``, ``state/`` to resume from. Prints the
+metrics table. Every config value is checked before anything heavy is loaded.
+"""
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from loguru import logger
+
+import modlora as ml
+
+from . import resume as resume_mod
+from .build import build_adapter, build_meter, build_objective, config_dict, load_model, set_threads
+from .config import validate
+from .evaluate import CONF_DIR, evaluate
+from .report import format_table, plot, write_json
+from .trainer import FitState, fit, make_optimizer, make_scheduler
+
+
+def _schedule(cfg, objective):
+    per_epoch = objective.n_batches("train", cfg.train.batch_size)
+    total = min(cfg.train.max_steps, cfg.train.epochs * per_epoch)
+    return total, int(cfg.train.warmup_ratio * total)
+
+
+def train_one(cfg, model, tokenizer, data, run_dir: Path, history=None, fork: bool = True) -> tuple:
+    """Build and train one adapter (resuming or forking when the config says so)."""
+    if fork and cfg.train.init_from is not None:
+        adapter = resume_mod.fork(cfg.train.init_from, model, cfg.adapter.kind)
+        logger.info("forked the weights of {} (fresh optimizer and schedule)", cfg.train.init_from)
+    else:
+        adapter = build_adapter(cfg, model, tokenizer, data)
+    objective = build_objective(cfg, model, tokenizer, adapter, data, history)
+    total, warmup = _schedule(cfg, objective)
+    optimizer = make_optimizer(
+        [p for p in adapter.parameters()], cfg.train.lr, cfg.train.weight_decay
+    )
+    scheduler = make_scheduler(optimizer, warmup, total, cfg.train.min_lr_ratio)
+    state, best = None, None
+    if cfg.train.resume_from is not None:
+        state, best = resume_mod.resume(cfg.train.resume_from, adapter, optimizer, scheduler)
+        logger.info("resumed from {} at step {}", cfg.train.resume_from, state.step)
+    on_epoch_end = None
+    if cfg.train.save_state:
+        state_dir = run_dir / "state"
+
+        def on_epoch_end(s: FitState, best_weights: dict) -> None:
+            resume_mod.save(state_dir, adapter, optimizer, scheduler, s, best_weights)
+
+    state, _ = fit(
+        adapter, objective, optimizer, scheduler, cfg.train, cfg.seed, state, on_epoch_end, best
+    )
+    return adapter, state
+
+
+def train_heal_rounds(cfg, model, tokenizer, data, run_dir: Path) -> tuple:
+    """``objective.rounds`` heal rounds; a round that lowers the validation loss joins the history."""
+    kept, kept_ids, history, states, best = [], [], None, [], math.inf
+    for k in range(cfg.objective.rounds):
+        logger.info("heal round {} (kept so far: {})", k + 1, len(kept))
+        adapter, state = train_one(
+            cfg, model, tokenizer, data, run_dir / f"round{k + 1}", history, fork=k == 0
+        )
+        states.append(state)
+        if state.best_val < best:
+            best = state.best_val
+            kept.append((adapter, cfg.objective.train_c))
+            kept_ids.append(k + 1)
+            if history is not None:
+                history.remove()
+            history = ml.HistoryBake(model, kept)
+            logger.info("round {} kept (val {:.4f})", k + 1, state.best_val)
+        else:
+            logger.info("round {} dropped (val {:.4f} >= {:.4f})", k + 1, state.best_val, best)
+    history.remove()
+    result = ml.HistoryBake(model, kept, attach=False)
+    merged = FitState(
+        step=sum(s.step for s in states),
+        best_val=best,
+        history=[dict(h, round=i + 1) for i, s in enumerate(states) for h in s.history],
+        losses=[x for s in states for x in s.losses],
+    )
+    return result, merged, kept_ids
+
+
+def _calibration_note(calibration: dict) -> str:
+    if calibration["c"] is None:
+        return "not calibrated (eval.calibrate=false)"
+    note = "" if calibration["calibrated"] else " (no |c| passed the gates)"
+    return f"calibrated c = {calibration['c']:.3f}{note}"
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Everything ``python -m experiments.train`` does, into ``run_dir``; returns the metrics."""
+    start = time.time()
+    data = validate(cfg)  # every bad value fails here, before anything heavy
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    try:
+        set_threads(cfg.threads)
+        return _run(cfg, run_dir, data, start)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, notebooks) keep their setting
+
+
+def _run(cfg, run_dir: Path, data, start: float) -> dict:
+    torch.manual_seed(cfg.seed)
+    logger.info("run folder {}", run_dir)
+    logger.info(
+        "model={} adapter={} r={} objective={} data={} ({} train / {} val / {} held-out pairs)",
+        cfg.model.name,
+        cfg.adapter.kind,
+        cfg.adapter.r,
+        cfg.objective.name,
+        cfg.data.kind,
+        len(data.train),
+        len(data.val),
+        len(data.heldout),
+    )
+    model, tokenizer = load_model(cfg)
+    t_loaded = time.time()
+    if cfg.objective.name == "heal":
+        adapter, state, kept_rounds = train_heal_rounds(cfg, model, tokenizer, data, run_dir)
+    else:
+        (adapter, state), kept_rounds = train_one(cfg, model, tokenizer, data, run_dir), None
+    t_trained = time.time()
+    meter = build_meter(cfg, model, tokenizer, data)
+    result = evaluate(meter, adapter, cfg.eval)
+    t_evaluated = time.time()
+    c_star = result["calibration"]["c"]
+    metrics = {
+        "model": cfg.model.name,
+        "adapter": cfg.adapter.kind,
+        "r": cfg.adapter.r,
+        "objective": cfg.objective.name,
+        "trait": result["trait"],
+        "spearman": result["spearman"],
+        "calibrated_c": c_star,
+        "calibrated": result["calibration"]["calibrated"],
+        "rows": result["rows"],
+        "probe_accuracy": result.get("probe_accuracy"),
+        "kept_rounds": kept_rounds,
+        "train": {
+            "steps": state.step,
+            "first_loss": state.losses[0] if state.losses else None,
+            "last_loss": state.losses[-1] if state.losses else None,
+            "best_val": state.best_val,
+            "stopped_early": state.stopped_early,
+            "epochs": state.history,
+            "losses": state.losses,
+        },
+        "calibration": result["calibration"],
+        "seconds": {
+            "load": t_loaded - start,
+            "train": t_trained - t_loaded,
+            "eval": t_evaluated - t_trained,
+        },
+    }
+    if cfg.save_adapter:
+        small = {
+            k: metrics[k]
+            for k in ("trait", "spearman", "calibrated_c", "calibrated", "rows", "probe_accuracy")
+        }
+        small["train"] = {
+            k: metrics["train"][k] for k in ("steps", "first_loss", "last_loss", "best_val")
+        }
+        adapter.save(
+            run_dir / "adapter.safetensors",
+            extra_meta={"config": config_dict(cfg), "metrics": small},
+            c=c_star,
+        )
+    columns = [result["trait"], *result["coherence"]]
+    table = format_table(result["rows"], columns)
+    if cfg.plot:
+        title = f"{cfg.model.name} · {cfg.adapter.kind} r={cfg.adapter.r} · {cfg.objective.name}"
+        plot(
+            run_dir / "plot.png",
+            result["rows"],
+            result["trait"],
+            tuple(result["coherence"]),
+            title,
+            c_star,
+        )
+    metrics["seconds"]["total"] = time.time() - start
+    metrics["config"] = config_dict(cfg)
+    write_json(run_dir / "metrics.json", metrics)
+    summary = (
+        f"{table}\nSpearman rho of {result['trait']} over c: {result['spearman']:.3f}; "
+        f"{_calibration_note(result['calibration'])}; "
+        f"{state.step} steps; {metrics['seconds']['total']:.1f}s "
+        f"(load {metrics['seconds']['load']:.1f}, train {metrics['seconds']['train']:.1f}, eval {metrics['seconds']['eval']:.1f})"
+    )
+    print(summary)
+    logger.info("results\n{}", summary)
+    return metrics
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sink = logger.add(run_dir / "train.log", level="INFO", enqueue=False)
+    try:
+        metrics = run(cfg, run_dir)
+    finally:
+        logger.remove(sink)
+    return metrics["spearman"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
