@@ -69,6 +69,15 @@ def _check_destination(path: str | os.PathLike) -> Path:
     return path
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions a new file at ``path`` would get (an existing file keeps its own)."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write a file atomically: ``write(temp)`` in the same folder, fsync, then rename.
 
@@ -89,6 +98,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # safetensors creates 0600; use what a plain open() gives
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

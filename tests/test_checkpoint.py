@@ -613,3 +613,17 @@ def test_save_refuses_bad_input_and_writes_nothing(llama, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lora.save(tmp_path / "no" / "x.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+def test_saved_file_gets_ordinary_permissions(llama, tmp_path):
+    """safetensors creates files 0600; a checkpoint should be readable like any file (umask)."""
+    path = tmp_path / "a.safetensors"
+    old = os.umask(0o022)
+    try:
+        make_lora(llama).save(path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        make_lora(llama).save(path)  # overwriting keeps the file's own mode
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
