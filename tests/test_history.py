@@ -6,13 +6,7 @@ from tests import tiny
 
 
 def _lora(model, seed, **kw):
-    torch.manual_seed(seed)
-    lora = ml.ModulatedLoRA(model, init="signed", **kw)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    return lora
+    return tiny.signed_lora(model, seed=seed, **kw)
 
 
 def _pissa(model, **kw):

@@ -8,13 +8,7 @@ from tests import tiny
 
 
 def _signed(model, **kw):
-    torch.manual_seed(3)
-    lora = ml.ModulatedLoRA(model, r=4, alpha=8, init="signed", **kw)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)  # large enough that the delta is visible in the logits
-    return lora
+    return tiny.signed_lora(model, **kw)
 
 
 def _logits(model, x):

@@ -13,13 +13,7 @@ merge_mod = importlib.import_module("modlora.merge")  # `modlora.merge` is also 
 
 
 def _lora(model, seed=3, std=0.05, **kw):
-    torch.manual_seed(seed)
-    lora = ml.ModulatedLoRA(model, r=4, alpha=8, init="signed", **kw)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, std)  # large enough that the delta is visible in the logits
-    return lora
+    return tiny.signed_lora(model, seed=seed, std=std, **kw)
 
 
 def _pissa(model, seed=4, **kw):

