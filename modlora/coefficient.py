@@ -78,6 +78,11 @@ class Coefficient:
         return self._scalar if self._scalar is not None else self._per_sample.clone()
 
     @property
+    def scalar(self) -> float | None:
+        """The scalar value as a Python float, or ``None`` for a per-sample coefficient."""
+        return self._scalar
+
+    @property
     def is_zero(self) -> bool:
         """Scalar ``c == 0`` (read from the Python mirror, no device sync)."""
         return self._scalar == 0.0

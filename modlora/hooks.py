@@ -7,6 +7,16 @@ target that adds ``scale · c · (x @ A.T) @ B.T`` to the layer's output, withou
 always detaches on exit; ``attach`` / ``set_coeff`` / ``detach`` is the persistent form;
 re-entry and a model other than the one the adapter was built on raise.
 
+Hot path. With scalar ``c`` and no gradients each hook runs two kernels: ``h = x @ A.T`` and
+``out += h @ B(c).T``, where ``B(c) = c · scale · B`` is a cached copy of ``B`` (remade when ``c``,
+the scale or ``B`` — its identity or version counter — changes; dropped on ``detach``) and the
+add is fused into ``addmm_`` on the layer's own output when only modlora hooks can have seen it
+(else into an out-of-place ``addmm``). With gradients on, the fold is part of the graph and ``c``
+enters as a Python number, so ``set_coeff`` between two forwards and one backward is safe; a
+per-sample ``c`` scales the rank-``r`` activations instead. While ``torch.compile`` traces, the
+hooks run the plain tensor math with ``c`` read from its tensor (no recompilation when it
+changes). ``c == 0`` returns the base output itself, read from a Python mirror (no device sync).
+
 Gradient checkpointing: the hooks must still be attached when backward recomputes the forward,
 so run ``loss.backward()`` inside the ``with`` block. Leaving the block with a checkpointed
 model that ran a grad-enabled forward logs a warning.
@@ -20,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
 from ._types import Coeff, FactorA, FactorB
 from .coefficient import Coefficient
@@ -63,6 +74,7 @@ class LowRankAdapter:
         self.layout = layout
         self._coeff = Coefficient(1.0)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._folds: list[_Folded] = []  # per-target fold caches of the current attachment
         self._grad_forward_seen = False
         self.training = False
         self.enabled = True
@@ -182,6 +194,7 @@ class LowRankAdapter:
         self._coeff.set(c)
         for target in self.layout:
             self._coeff.on(target.device)  # create every device's tensor now, not while tracing
+        self._folds = []
         handles = []
         try:
             for target in self.layout:
@@ -205,6 +218,9 @@ class LowRankAdapter:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for folded in self._folds:
+            folded.clear()
+        self._folds = []
         if self._grad_forward_seen and _is_checkpointing(self._model):
             logger.warning(
                 "{} detached from a gradient-checkpointed model after a grad-enabled forward: "
@@ -238,19 +254,118 @@ class LowRankAdapter:
         return self.enabled and (self.gate is None or bool(self.gate()))
 
     def _make_hook(self, target: Target):
+        """The forward hook of one target; everything that can be looked up once is bound here."""
         coeff = self._coeff
         device = target.device
+        module = target.module
+        folded = _Folded()
+        self._folds.append(folded)
+        is_compiling, grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if not self._active():
+        def hook(mod: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if not self.enabled or (self.gate is not None and not self.gate()):
                 return output
-            if not torch.compiler.is_compiling() and coeff.is_zero:
+            if is_compiling():  # pure tensor math: c is a graph input, no caches
+                return output + self._delta(target, args[0], coeff.on(device), output.dtype)
+            if coeff.is_zero:  # Python mirror: no device sync, the base output bit for bit
                 return output
-            if torch.is_grad_enabled():
+            if grad_enabled():
                 self._grad_forward_seen = True
-            return output + self._delta(target, args[0], coeff.on(device), output.dtype)
+                return self._forward_grad(target, args[0], output, coeff, device, folded)
+            inplace = _owns_output(module, hook)
+            return self._forward_no_grad(target, args[0], output, coeff, device, folded, inplace)
 
+        hook._modlora = True  # marks the hook for _owns_output
         return hook
+
+    def _per_sample(self, target: Target, x: Tensor, c: Tensor) -> None:
+        if x.dim() < 2 or x.shape[0] != c.shape[0]:
+            raise ValueError(
+                f"per-sample coefficient has {c.shape[0]} values but the input of "
+                f"{target.name!r} has shape {tuple(x.shape)} (batch must be the first axis)"
+            )
+
+    def _forward_no_grad(
+        self,
+        target: Target,
+        x: Tensor,
+        output: Tensor,
+        coeff: Coefficient,
+        device: torch.device,
+        folded: "_Folded",
+        inplace: bool,
+    ) -> Tensor:
+        """Inference: ``c · scale`` folded into a cached ``B``; the add fused into one ``addmm_``.
+
+        Two kernels per call at scalar ``c``: ``h = x @ A.T`` and ``out += h @ B(c).T``, the
+        latter written into the layer's own output when nothing else can have seen it.
+        """
+        a, b, scale = self.hook_factors(target)
+        scalar = coeff.scalar
+        if scalar is None:
+            c = coeff.on(device)
+            self._per_sample(target, x, c)
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, d_in)
+        if x2.dtype != a.dtype:
+            x2 = x2.to(a.dtype)
+        if self.training:
+            x2 = self.dropout(x2)
+        h = torch.mm(x2, a.T)  # (tokens, r)
+        if scalar is None:
+            s = c * scale  # (batch,)
+            h.view(c.shape[0], -1, h.shape[-1]).mul_(s.view(-1, 1, 1))  # (batch, seq, r)
+            bt = b.T if b.dtype == h.dtype else b.to(h.dtype).T
+        else:
+            bt = folded.get_t(b, scalar * scale)  # (r, d_out)
+        if output.dtype == h.dtype and output.is_contiguous():
+            out2 = output.view(-1, output.shape[-1])  # (tokens, d_out)
+            if inplace and (not output.is_inference() or torch.is_inference_mode_enabled()):
+                out2.addmm_(h, bt)
+                return output
+            return torch.addmm(out2, h, bt).view(output.shape)
+        delta = torch.mm(h, bt).to(output.dtype)  # (tokens, d_out)
+        return output + delta.view(output.shape)
+
+    def _forward_grad(
+        self,
+        target: Target,
+        x: Tensor,
+        output: Tensor,
+        coeff: Coefficient,
+        device: torch.device,
+        folded: "_Folded",
+    ) -> Tensor:
+        """Training: differentiable through ``A`` and ``B``; never saves the coefficient tensor.
+
+        Scalar ``c`` enters as a Python number (a constant of the graph), a per-sample ``c`` as a
+        fresh product ``c · scale``; so ``set_coeff`` between a ``+c`` and a ``−c`` forward
+        followed by one backward gives each forward its own coefficient.
+        """
+        a, b, scale = self.hook_factors(target)
+        scalar = coeff.scalar
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        if self.training:
+            x = self.dropout(x)
+        h = F.linear(x, a)  # (*lead, r)
+        if scalar is None:
+            c = coeff.on(device)
+            self._per_sample(target, x, c)
+            s = c * scale  # a fresh tensor: autograd never saves the coefficient itself
+            h = h * s.view(-1, *([1] * (h.dim() - 1)))  # (batch, ..., r)
+            bs = b
+        elif a.requires_grad or b.requires_grad:
+            factor = scalar * scale
+            bs = b if factor == 1.0 else b * factor  # (d_out, r), differentiable
+        else:
+            bs = folded.get(b, scalar * scale)  # frozen factors (a history): the cached fold
+        if bs.dtype != h.dtype:
+            bs = bs.to(h.dtype)
+        if output.dtype == h.dtype and output.is_contiguous():
+            out2 = output.view(-1, output.shape[-1])  # (tokens, d_out)
+            h2 = h.reshape(-1, h.shape[-1])  # (tokens, r)
+            return torch.addmm(out2, h2, bs.T).view(output.shape)
+        return output + F.linear(h, bs).to(output.dtype)
 
     def _delta(
         self,
@@ -259,13 +374,14 @@ class LowRankAdapter:
         c: Tensor,
         out_dtype: torch.dtype,
     ) -> Tensor:
-        """``c · scale · (x @ A.T) @ B.T``, shape ``(*lead, d_out)`` (hot path: no runtime checks)."""
+        """``c · scale · (x @ A.T) @ B.T``, shape ``(*lead, d_out)``: the reference math.
+
+        Used while ``torch.compile`` traces the hooks (``c`` read from its tensor, so changing it
+        does not recompile) and by :mod:`modlora.merge` to check a merge.
+        """
         a, b, scale = self.hook_factors(target)
-        if c.dim() == 1 and (x.dim() < 2 or x.shape[0] != c.shape[0]):
-            raise ValueError(
-                f"per-sample coefficient has {c.shape[0]} values but the input of "
-                f"{target.name!r} has shape {tuple(x.shape)} (batch must be the first axis)"
-            )
+        if c.dim() == 1:
+            self._per_sample(target, x, c)
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         if self.training:
@@ -276,3 +392,65 @@ class LowRankAdapter:
             s = s.view(-1, *([1] * (h.dim() - 1)))  # (batch, 1, ..., 1)
         delta = F.linear(h * s, b)  # (*lead, d_out)
         return delta if delta.dtype == out_dtype else delta.to(out_dtype)
+
+
+class _Folded:
+    """``B · factor`` for one target, recomputed only when ``B`` (identity or version) or the
+    factor changes. The cached tensor is replaced, never modified in place, so a graph that saved
+    an earlier one keeps it intact."""
+
+    __slots__ = ("factor", "source", "value", "value_t", "version")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.source: Tensor | None = None
+        self.value: Tensor | None = None  # (d_out, r)
+        self.value_t: Tensor | None = None  # (r, d_out) view of value
+        self.version = -1
+        self.factor = 0.0
+
+    def get(self, b: Tensor, factor: float) -> Tensor:
+        """``b · factor``, shape ``(d_out, r)``."""
+        if factor == 1.0:
+            return b
+        if b.is_inference():  # no version counter: cannot tell an in-place change, recompute
+            with torch.no_grad():
+                return b * factor
+        self._refresh(b, factor)
+        return self.value
+
+    def get_t(self, b: Tensor, factor: float) -> Tensor:
+        """``(b · factor).T``, shape ``(r, d_out)`` (a view; the hot path's right operand)."""
+        if factor == 1.0:
+            return b.T
+        if b.is_inference():
+            with torch.no_grad():
+                return (b * factor).T
+        self._refresh(b, factor)
+        return self.value_t
+
+    def _refresh(self, b: Tensor, factor: float) -> None:
+        version = b._version
+        if self.source is not b or self.version != version or self.factor != factor:
+            with torch.no_grad():
+                self.value = b * factor  # (d_out, r)
+            self.value_t = self.value.T  # (r, d_out)
+            self.source, self.version, self.factor = b, version, factor
+
+
+def _owns_output(module: nn.Module, hook: Callable) -> bool:
+    """True when no code but modlora hooks can have seen ``module``'s output before ``hook``.
+
+    Then ``hook`` may add its delta in place; otherwise a hook registered earlier (or a global
+    forward hook) might hold the base output, and it must not change under it.
+    """
+    if _module_globals._global_forward_hooks:
+        return False
+    for other in module._forward_hooks.values():
+        if other is hook:
+            return True
+        if not getattr(other, "_modlora", False):
+            return False
+    return False
