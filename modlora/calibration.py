@@ -34,7 +34,8 @@ class RunningStats:
     count: int = 0
     total: Tensor | None = None  # (d_in,) float64
     gram: Tensor | None = None  # (d_in, d_in) float64
-    sample: Tensor | None = None  # (<= max_rows, d_in) float32
+    buffer: Tensor | None = None  # (max_rows, d_in) float32, allocated once: memory never grows
+    filled: int = 0  # rows of ``buffer`` in use
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     @torch.no_grad()
@@ -55,14 +56,21 @@ class RunningStats:
         self._reservoir(rows)
         self.count += n
 
+    @property
+    def sample(self) -> Tensor | None:
+        """The reservoir rows kept so far, ``(min(count, max_rows), d_in)``."""
+        return None if self.buffer is None else self.buffer[: self.filled]
+
     def _reservoir(self, rows: Tensor) -> None:
         seen = self.count
-        if self.sample is None:
-            self.sample = rows.new_empty(0, self.d_in)
-        room = self.max_rows - self.sample.shape[0]
+        if self.buffer is None:
+            self.buffer = rows.new_empty(self.max_rows, self.d_in)
+        room = self.max_rows - self.filled
         if room > 0:
-            self.sample = torch.cat([self.sample, rows[:room]])
-            rows, seen = rows[room:], seen + min(room, rows.shape[0])
+            take = min(room, rows.shape[0])
+            self.buffer[self.filled : self.filled + take] = rows[:take]
+            self.filled += take
+            rows, seen = rows[take:], seen + take
         if rows.shape[0] == 0:
             return
         # Algorithm R: row number t (1-based) replaces slot u ~ U{0..t-1} when u < max_rows.
@@ -70,7 +78,7 @@ class RunningStats:
         u = (torch.rand(rows.shape[0], generator=self.generator, dtype=torch.float64) * t).long()
         keep = u < self.max_rows
         if keep.any():
-            self.sample[u[keep].to(self.sample.device)] = rows[keep.to(rows.device)]
+            self.buffer[u[keep].to(self.buffer.device)] = rows[keep.to(rows.device)]
 
     def projected_std(self, vh: Float[Tensor, "k d_in"]) -> Float[Tensor, " k"]:
         """Population std of ``X · vh_i`` for every row ``vh_i``."""
@@ -119,7 +127,7 @@ class Calibration:
         total = 0
         for per in self.stats.values():
             for s in per.values():
-                for t in (s.total, s.gram, s.sample):
+                for t in (s.total, s.gram, s.buffer):
                     if t is not None:
                         total += t.numel() * t.element_size()
         return total
