@@ -22,7 +22,7 @@ so run ``loss.backward()`` inside the ``with`` block. Leaving the block with a c
 model that ran a grad-enabled forward logs a warning.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -43,6 +43,33 @@ class AdapterStateError(RuntimeError):
 
 def _name_model(model: nn.Module) -> str:
     return f"{type(model).__name__} at {id(model):#x}"
+
+
+def check_state_dict(
+    state: Mapping[str, Tensor], current: Mapping[str, Tensor], required: set[str] | None = None
+) -> None:
+    """Strict checks before an adapter copies ``state`` in: keys, shapes, finite values.
+
+    Args:
+        state: the incoming tensors.
+        current: the adapter's tensors, same keys.
+        required: keys that must be present (default: all of ``current``).
+
+    Raises:
+        KeyError: missing or unexpected keys (all listed).
+        ValueError: a shape mismatch or non-finite values (the key is named).
+    """
+    required = set(current) if required is None else required
+    missing, unexpected = sorted(required - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise ValueError(
+                f"{key}: shape {tuple(value.shape)} does not match {tuple(current[key].shape)}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key}: holds non-finite values")
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -140,6 +167,21 @@ class LowRankAdapter:
     def c(self) -> float | Tensor:
         """The current coefficient (a float, or a ``(batch,)`` tensor)."""
         return self._coeff.value
+
+    def scalar_c(self, c: Coeff | None, what: str) -> float:
+        """``c`` as one float for a merge or an export; ``None`` means :attr:`deployed_c`.
+
+        Raises:
+            ValueError: ``c`` is None and no deployed c is stored, or ``c`` is per-sample.
+        """
+        if c is None:
+            if self.deployed_c is None:
+                raise ValueError("c=None uses the adapter's deployed_c, but it has none; pass c")
+            c = self.deployed_c
+        value = Coefficient(c).value
+        if not isinstance(value, float):
+            raise ValueError(f"{what} needs a scalar c: it holds one delta")
+        return value
 
     def set_coeff(self, c: Coeff) -> None:
         """Change ``c`` in place (no re-attach, no recompilation of a compiled model).

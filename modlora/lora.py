@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .hooks import LowRankAdapter
+from .hooks import LowRankAdapter, check_state_dict
 from .layout import DEFAULT_EXCLUDE, LayerRange, Target, find_targets
 
 Init = Literal["zero", "signed"]
@@ -149,15 +149,6 @@ class ModulatedLoRA(LowRankAdapter):
             ValueError: a shape mismatch or non-finite values (the target is named).
         """
         params = dict(self.named_parameters())
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(params[key].shape):
-                raise ValueError(
-                    f"{key}: shape {tuple(value.shape)} does not match {tuple(params[key].shape)}"
-                )
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{key}: holds non-finite values")
+        check_state_dict(state, params)
         for key, value in state.items():
             params[key].copy_(value)

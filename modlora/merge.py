@@ -32,7 +32,7 @@ from loguru import logger
 from torch import Tensor, nn
 
 from ._types import Coeff
-from .coefficient import Coefficient, validate_coeff
+from .coefficient import Coefficient
 from .hooks import AdapterStateError, LowRankAdapter
 from .layout import Target, is_quantized
 
@@ -245,13 +245,7 @@ def merge(
     if not isinstance(adapter, LowRankAdapter):
         raise TypeError(f"merge needs a modlora adapter, got {type(adapter).__name__}")
     adapter.check_model(model)
-    if c is None:
-        if adapter.deployed_c is None:
-            raise ValueError("c=None uses the adapter's deployed_c, but it has none; pass c")
-        c = adapter.deployed_c
-    value = validate_coeff(c)
-    if not isinstance(value, float):
-        raise ValueError("merge needs a scalar c: a merged weight holds one delta")
+    value = adapter.scalar_c(c, "merge")
     if store not in ("cpu", "device"):
         raise ValueError(f"store must be 'cpu' or 'device', got {store!r}")
     kind = type(adapter).__name__

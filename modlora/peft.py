@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._types import Coeff
-from .coefficient import validate_coeff
 from .hooks import LowRankAdapter
 from .layout import is_target_type, make_target
 from .lora import ModulatedLoRA
@@ -107,13 +106,7 @@ def export_peft(
     """
     if not isinstance(adapter, LowRankAdapter):
         raise TypeError(f"export_peft needs a modlora adapter, got {type(adapter).__name__}")
-    if c is None:
-        if adapter.deployed_c is None:
-            raise ValueError("c=None uses the adapter's deployed_c, but it has none; pass c")
-        c = adapter.deployed_c
-    value = validate_coeff(c)
-    if not isinstance(value, float):
-        raise ValueError("export_peft needs a scalar c: an exported LoRA holds one delta")
+    value = adapter.scalar_c(c, "export_peft")
 
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}

@@ -22,7 +22,7 @@ from loguru import logger
 from torch import Tensor, nn
 
 from .calibration import Calibration, RunningStats
-from .hooks import LowRankAdapter
+from .hooks import LowRankAdapter, check_state_dict
 from .layout import DEFAULT_EXCLUDE, LayerRange, Target, find_targets
 from .lora import _check_positive_int
 
@@ -293,17 +293,7 @@ class ModulatedPiSSA(LowRankAdapter):
         """
         current = self.state_dict()
         required = {k for k in current if k.endswith(".delta_s")}
-        missing = sorted(required - set(state))
-        unexpected = sorted(set(state) - set(current))
-        if missing or unexpected:
-            raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(current[key].shape):
-                raise ValueError(
-                    f"{key}: shape {tuple(value.shape)} does not match {tuple(current[key].shape)}"
-                )
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{key}: holds non-finite values")
+        check_state_dict(state, current, required)
         stores = {"U": self._u, "S": self._s, "Vh": self._vh}
         for key, value in state.items():
             name, role = key.rsplit(".", 1)

@@ -177,9 +177,7 @@ def test_lora_round_trip_gpt2_conv1d_bf16(gpt2, tmp_path):
     same = ml.load_adapter(gpt2, path)
     assert same.dtype == torch.bfloat16 and same.layout.layer_range == (0.25, 0.75)
     assert same.deployed_c is None and same.extra_meta == {}
-    # scalar c only: a per-sample c with a bf16 adapter fails in the hook itself (hooks.py
-    # promotes h to fp32 against the bf16 B), independent of checkpoints
-    scalars = [1.0, -0.5, 2.75]
+    scalars = [1.0, -0.5, 2.75, torch.tensor([1.0, -1.0])]  # scalar and per-sample
     for ya, yb in zip(
         outputs(gpt2, lora, x, scalars), outputs(gpt2, same, x, scalars), strict=True
     ):
