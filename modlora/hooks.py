@@ -320,6 +320,12 @@ class LowRankAdapter:
         hook._modlora = True  # marks the hook for _owns_output
         return hook
 
+    def _adapter_input(self, x: Tensor, a: Tensor) -> Tensor:
+        """``x`` in the adapter's dtype, with dropout in training mode."""
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        return self.dropout(x) if self.training else x
+
     def _per_sample(self, target: Target, x: Tensor, c: Tensor) -> None:
         if x.dim() < 2 or x.shape[0] != c.shape[0]:
             raise ValueError(
@@ -347,11 +353,7 @@ class LowRankAdapter:
         if scalar is None:
             c = coeff.on(device)
             self._per_sample(target, x, c)
-        x2 = x.reshape(-1, x.shape[-1])  # (tokens, d_in)
-        if x2.dtype != a.dtype:
-            x2 = x2.to(a.dtype)
-        if self.training:
-            x2 = self.dropout(x2)
+        x2 = self._adapter_input(x.reshape(-1, x.shape[-1]), a)  # (tokens, d_in)
         h = torch.mm(x2, a.T)  # (tokens, r)
         if scalar is None:
             s = c * scale  # (batch,)
@@ -385,10 +387,7 @@ class LowRankAdapter:
         """
         a, b, scale = self.hook_factors(target)
         scalar = coeff.scalar
-        if x.dtype != a.dtype:
-            x = x.to(a.dtype)
-        if self.training:
-            x = self.dropout(x)
+        x = self._adapter_input(x, a)
         h = F.linear(x, a)  # (*lead, r)
         if scalar is None:
             c = coeff.on(device)
@@ -424,10 +423,7 @@ class LowRankAdapter:
         a, b, scale = self.hook_factors(target)
         if c.dim() == 1:
             self._per_sample(target, x, c)
-        if x.dtype != a.dtype:
-            x = x.to(a.dtype)
-        if self.training:
-            x = self.dropout(x)
+        x = self._adapter_input(x, a)
         h = F.linear(x, a)  # (*lead, r)
         s = c * scale  # a fresh tensor: autograd never saves the coefficient itself
         if s.dim() == 1:
