@@ -76,6 +76,10 @@ class HistoryBake(LowRankAdapter):
             {"kind": adapter.kind, "c": float(c), "ranks": _ranks(adapter)} for adapter, c in rounds
         ]
         self.gate = gate
+        # A round whose delta is already in the model (merged, or an attached twin of a loaded
+        # checkpoint) would be applied twice through the history: its own guards decide.
+        sources = [adapter for adapter, _ in rounds]
+        self.attach_guards.append(lambda _: [g(a) for a in sources for g in a.attach_guards])
         if attach:
             self.attach(model, 1.0)
 

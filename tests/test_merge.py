@@ -345,3 +345,16 @@ def test_training_mode_dropout_does_not_disturb_the_probe(llama):
 def test_not_an_adapter_is_refused(llama):
     with pytest.raises(TypeError, match="adapter"):  # beartype or merge's own check
         ml.merge(llama, object())
+
+
+def test_history_of_a_merged_round_refuses_to_attach(llama):
+    """A merged round inside a history would add its delta a second time."""
+    lora = _lora(llama)
+    ml.merge(llama, lora, c=1.0)
+    weights = {k: v.clone() for k, v in llama.state_dict().items()}
+    with pytest.raises(ml.AdapterStateError, match="merged into the model's weights"):
+        ml.HistoryBake(llama, [(lora, 1.0)])
+    assert not any(m._forward_hooks for m in llama.modules())
+    assert all(torch.equal(v, weights[k]) for k, v in llama.state_dict().items())
+    ml.unmerge(llama, lora)
+    ml.HistoryBake(llama, [(lora, 1.0)]).remove()  # fine once unmerged
