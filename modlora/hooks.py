@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from ._types import Coeff, FactorA, FactorB
-from .coefficient import Coefficient
+from .coefficient import Coefficient, validate_coeff
 from .layout import Target, TargetLayout
 
 
@@ -153,7 +153,7 @@ class LowRankAdapter:
         float32, detached, on the target's device, in the logical ``(d_out, d_in)`` orientation
         (also for GPT-2 ``Conv1D``, whose weight is stored transposed).
         """
-        value = Coefficient(c).value
+        value = validate_coeff(c)
         if not isinstance(value, float):
             raise ValueError("delta_factors needs a scalar c (a merged weight has one delta)")
         out = {}
@@ -178,7 +178,7 @@ class LowRankAdapter:
             if self.deployed_c is None:
                 raise ValueError("c=None uses the adapter's deployed_c, but it has none; pass c")
             c = self.deployed_c
-        value = Coefficient(c).value
+        value = validate_coeff(c)
         if not isinstance(value, float):
             raise ValueError(f"{what} needs a scalar c: it holds one delta")
         return value
@@ -288,7 +288,7 @@ class LowRankAdapter:
             raise AdapterStateError(
                 f"{type(self).__name__} is already attached; a with-block cannot re-enter it"
             )
-        Coefficient(c)  # validate now, not on entry
+        validate_coeff(c)  # now, not on entry
         return self._attached(model, c)
 
     # ------------------------------------------------------------------ the hook
