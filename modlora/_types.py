@@ -13,6 +13,3 @@ Coeff = float | int | Float[Tensor, ""] | Float[Tensor, " batch"]
 
 FactorA = Float[Tensor, "r d_in"]
 FactorB = Float[Tensor, "d_out r"]
-Weight = Float[Tensor, "d_out d_in"]
-Inputs = Float[Tensor, "*lead d_in"]
-Outputs = Float[Tensor, "*lead d_out"]

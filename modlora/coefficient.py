@@ -3,7 +3,9 @@
 One 0-d (or ``(batch,)``) tensor per device the adapter lives on, so each hook reads ``c`` on its
 own layer's device, and a Python mirror of scalar values, so the ``c == 0`` shortcut never reads a
 tensor (no GPU sync). Updating in place keeps the tensor's identity, so a ``torch.compile``d
-model is not recompiled when only ``c`` changes.
+model is not recompiled when only ``c`` changes. The tensors are always ordinary tensors (made
+outside inference mode), so an adapter first used under ``torch.inference_mode()`` works outside
+it too.
 """
 
 import math
@@ -59,8 +61,9 @@ class Coefficient:
             self._scalar, self._per_sample = value, None
         else:
             self._scalar, self._per_sample = None, value
-        for device, tensor in list(self._tensors.items()):
-            self._tensors[device] = self._write(tensor, device)
+        with torch.inference_mode(False), torch.no_grad():
+            for device, tensor in list(self._tensors.items()):
+                self._tensors[device] = self._write(tensor, device)
 
     def _write(self, tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         if self._scalar is not None:
@@ -87,13 +90,10 @@ class Coefficient:
         """Scalar ``c == 0`` (read from the Python mirror, no device sync)."""
         return self._scalar == 0.0
 
-    @property
-    def per_sample(self) -> bool:
-        return self._per_sample is not None
-
     def on(self, device: torch.device) -> torch.Tensor:
         """``c`` on ``device`` (0-d or ``(batch,)``); the same tensor object across updates."""
         tensor = self._tensors.get(device)
         if tensor is None:
-            tensor = self._tensors[device] = self._write(None, device)
+            with torch.inference_mode(False), torch.no_grad():
+                tensor = self._tensors[device] = self._write(None, device)
         return tensor

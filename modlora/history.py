@@ -10,11 +10,32 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import checks
+from .adapter import LowRankAdapter
 from .coefficient import validate_coeff
-from .hooks import LowRankAdapter
-from .layout import Target, TargetLayout, block_index, find_block_list, is_target_type, make_target
+from .kinds import register_kind
+from .layout import factor_problems, layout_of
+from .part import TargetPart
 
 
+def history_factors(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, float]:
+    """A history's delta: the concatenated ``A (Σr, d_in)`` and ``B (d_out, Σr)``, scale 1."""
+    return a, b, 1.0
+
+
+class HistoryPart(TargetPart):
+    """The concatenated, frozen factors of one target (buffers ``A`` and ``B``, float32)."""
+
+    def __init__(self, name: str, a: Tensor, b: Tensor) -> None:
+        super().__init__(name)
+        self.register_buffer("A", a.contiguous())
+        self.register_buffer("B", b.contiguous())
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        return history_factors(self.A, self.B)
+
+
+@register_kind
 class HistoryBake(LowRankAdapter):
     """Frozen sum of adapters at fixed coefficients, attached on construction.
 
@@ -23,6 +44,9 @@ class HistoryBake(LowRankAdapter):
         rounds: ``[(adapter, c_k), ...]``; adapters of any kind (a ``HistoryBake`` too).
         gate: optional callable; the history applies only while it returns True.
         attach: attach the hooks now (``remove()`` takes them off).
+        factors: instead of ``rounds``, concatenated factors ``{target: (A (Σr, d_in),
+            B (d_out, Σr))}`` with each round's ``c_k`` folded into ``B`` (a checkpoint's).
+        round_info: with ``factors``: what each round was (kind, c, ranks).
 
     Example:
         >>> hist = HistoryBake(model, [(round1, 1.0), (round2, 0.5)])
@@ -31,54 +55,39 @@ class HistoryBake(LowRankAdapter):
     """
 
     kind = "history"
+    roles = ("A", "B")
+    factor_roles = ("A", "B")
+    config_keys = ("round_info",)
+    selects_targets = False  # its targets are the rounds', not a stored selection
+    attach_on_load = True  # like the constructor
 
     def __init__(
         self,
         model: nn.Module,
-        rounds: Sequence[tuple[LowRankAdapter, float | int]],
+        rounds: Sequence[tuple[LowRankAdapter, float | int]] | None = None,
         gate: Callable[[], bool] | None = None,
         attach: bool = True,
+        *,
+        factors: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+        round_info: list[dict] | None = None,
     ) -> None:
-        rounds = list(rounds)
-        if not rounds:
-            raise ValueError("HistoryBake needs at least one (adapter, c) round")
-        for i, entry in enumerate(rounds):
-            if not (isinstance(entry, tuple | list) and len(entry) == 2):
-                raise TypeError(f"round {i} must be an (adapter, c) pair, got {entry!r}")
-            adapter, c = entry
-            if not isinstance(adapter, LowRankAdapter):
-                raise TypeError(f"round {i} is a {type(adapter).__name__}, not a modlora adapter")
-            adapter.check_model(model)
-            if not isinstance(validate_coeff(c), float):
-                raise ValueError(f"round {i}: a history coefficient must be a scalar, got {c!r}")
-
-        pieces: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        targets: dict[str, Target] = {}
-        for adapter, c in rounds:
-            for name, (a, b) in adapter.delta_factors(float(c)).items():
-                pieces.setdefault(name, []).append((a, b))
-                targets.setdefault(name, adapter.layout[name])
-        order = [n for n, _ in model.named_modules() if n in targets]
-        layout = TargetLayout(
-            targets={n: targets[n] for n in order},
-            blocks=rounds[0][0].layout.blocks,
-            patterns=tuple(order),
-            exclude=(),
-            layer_range=None,
-        )
-        super().__init__(model, layout)
-        self._a: dict[str, Tensor] = {}
-        self._b: dict[str, Tensor] = {}
-        for name, parts in pieces.items():
-            self._a[name] = torch.cat([a for a, _ in parts], dim=0).contiguous()  # (Σr, d_in)
-            self._b[name] = torch.cat([b for _, b in parts], dim=1).contiguous()  # (d_out, Σr)
-        self.round_info = [
-            {"kind": adapter.kind, "c": float(c), "ranks": _ranks(adapter)} for adapter, c in rounds
-        ]
+        if (rounds is None) == (factors is None):
+            raise ValueError("HistoryBake needs either rounds=[(adapter, c), ...] or factors=")
+        sources: list[LowRankAdapter] = []
+        if rounds is not None:
+            sources, factors, round_info = _concatenate(model, rounds)
+        _check_factors(model, factors)
+        super().__init__(model, layout_of(model, list(factors)))
+        for target in self.layout:
+            a, b = factors[target.name]
+            a = a.to(target.device, torch.float32)
+            b = b.to(target.device, torch.float32)
+            self.add_part(HistoryPart(target.name, a, b))
+        self.round_info = list(round_info or [])
+        self.dtype = torch.float32
         self.gate = gate
         # A round whose delta is already in the model (merged, or an attached twin of a loaded
         # checkpoint) would be applied twice through the history: its own guards decide.
-        sources = [adapter for adapter, _ in rounds]
         self.attach_guards.append(lambda _: [g(a) for a in sources for g in a.attach_guards])
         if attach:
             self.attach(model, 1.0)
@@ -92,82 +101,83 @@ class HistoryBake(LowRankAdapter):
         gate: Callable[[], bool] | None = None,
         attach: bool = True,
     ) -> "HistoryBake":
-        """Rebuild from concatenated factors ``{target: (A (Σr, d_in), B (d_out, Σr))}``.
-
-        Raises:
-            ValueError: a target that is not a linear layer of ``model``, or a shape mismatch.
-        """
-        modules = dict(model.named_modules())
-        problems = []
-        for name, (a, b) in factors.items():
-            module = modules.get(name)
-            if module is None or not is_target_type(module):
-                problems.append(f"{name}: no such linear layer")
-                continue
-            t = make_target(name, module, None)
-            if (
-                a.dim() != 2
-                or b.dim() != 2
-                or a.shape != (a.shape[0], t.d_in)
-                or b.shape != (t.d_out, a.shape[0])
-            ):
-                problems.append(
-                    f"{name}: A {tuple(a.shape)}, B {tuple(b.shape)} vs layer (d_out={t.d_out}, d_in={t.d_in})"
-                )
-        if problems:
-            raise ValueError(f"history factors do not fit this model: {problems}")
-        blocks = find_block_list(model)
-        order = [n for n in modules if n in factors]
-        layout = TargetLayout(
-            targets={n: make_target(n, modules[n], block_index(n, blocks)) for n in order},
-            blocks=blocks,
-            patterns=tuple(order),
-            exclude=(),
-            layer_range=None,
-        )
-        self = cls.__new__(cls)
-        LowRankAdapter.__init__(self, model, layout)
-        self._a, self._b = {}, {}
-        for target in layout:
-            a, b = factors[target.name]
-            self._a[target.name] = a.to(target.device, torch.float32).contiguous()
-            self._b[target.name] = b.to(target.device, torch.float32).contiguous()
-        self.round_info = list(round_info or [])
-        self.gate = gate
-        if attach:
-            self.attach(model, 1.0)
-        return self
-
-    def hook_factors(self, target: Target) -> tuple[Tensor, Tensor, float]:
-        return self._a[target.name], self._b[target.name], 1.0
-
-    def ranks(self) -> dict[str, int]:
-        """``{target name: total rank}`` (sum over the rounds that touch it)."""
-        return {name: a.shape[0] for name, a in self._a.items()}
-
-    def parameters(self):
-        """A history is frozen: no trainable parameters."""
-        return iter(())
-
-    def named_parameters(self):
-        return iter(())
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Concatenated factors: ``<target>.A`` ``(Σr, d_in)`` and ``<target>.B`` ``(d_out, Σr)``."""
-        out = {}
-        for name in self._a:
-            out[f"{name}.A"] = self._a[name].clone()
-            out[f"{name}.B"] = self._b[name].clone()
-        return out
+        """``HistoryBake(model, factors=factors, ...)``: from concatenated factors."""
+        return cls(model, gate=gate, attach=attach, factors=factors, round_info=round_info)
 
     def remove(self) -> None:
         """Detach the history's hooks: the model is the base again, bit for bit."""
         self.detach()
 
+    # ------------------------------------------------------------------ kind protocol
+    def config(self) -> dict:
+        return {"round_info": self.round_info}
 
-def _ranks(adapter: LowRankAdapter) -> dict[str, int]:
-    ranks = getattr(adapter, "ranks", None)
-    return ranks() if callable(ranks) else {}
+    @classmethod
+    def parse_config(cls, meta: dict) -> dict:
+        info = meta.get("round_info")
+        if not isinstance(info, list) or not all(isinstance(x, dict) for x in info):
+            raise checks.invalid(
+                ValueError, "round_info", f"round_info must be a list of objects, got {info!r}"
+            )
+        return {"round_info": info, "dtype": checks.float_dtype(meta.get("dtype"), "dtype")}
+
+    @classmethod
+    def target_factors(cls, config: dict, name: str, tensors: dict) -> tuple[Tensor, Tensor, float]:
+        return history_factors(tensors["A"], tensors["B"])
+
+    @classmethod
+    def check_target(cls, config: dict, name: str, tensors: dict, rank: int) -> None:
+        total = 0
+        for info in config["round_info"]:
+            r = (info.get("ranks") or {}).get(name, 0)
+            if not isinstance(r, int) or isinstance(r, bool):
+                return  # ranks not recorded as ints: nothing to check against
+            total += r
+        if total and total != rank:
+            raise ValueError(
+                f"target {name!r}: A {tuple(tensors['A'].shape)}, B {tuple(tensors['B'].shape)}:"
+                f" r={rank} but round_info ranks sum to {total}"
+            )
+
+    @classmethod
+    def rebuild(cls, model, layout, config, tensors) -> "HistoryBake":
+        factors = {n: (t["A"], t["B"]) for n, t in tensors.items()}
+        return cls(model, attach=False, factors=factors, round_info=config["round_info"])
+
+
+def _concatenate(model: nn.Module, rounds) -> tuple[list, dict, list]:
+    """``(adapters, {target: (A_cat, B_cat)}, round_info)`` of ``[(adapter, c), ...]``."""
+    rounds = list(rounds)
+    if not rounds:
+        raise ValueError("HistoryBake needs at least one (adapter, c) round")
+    for i, entry in enumerate(rounds):
+        if not (isinstance(entry, tuple | list) and len(entry) == 2):
+            raise TypeError(f"round {i} must be an (adapter, c) pair, got {entry!r}")
+        adapter, c = entry
+        if not isinstance(adapter, LowRankAdapter):
+            raise TypeError(f"round {i} is a {type(adapter).__name__}, not a modlora adapter")
+        adapter.check_model(model)
+        if not isinstance(validate_coeff(c), float):
+            raise ValueError(f"round {i}: a history coefficient must be a scalar, got {c!r}")
+    pieces: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for adapter, c in rounds:
+        for name, (a, b) in adapter.delta_factors(float(c)).items():
+            pieces.setdefault(name, []).append((a, b))
+    factors = {
+        name: (
+            torch.cat([a for a, _ in parts], dim=0),  # (Σr, d_in)
+            torch.cat([b for _, b in parts], dim=1),  # (d_out, Σr)
+        )
+        for name, parts in pieces.items()
+    }
+    info = [{"kind": a.kind, "c": float(c), "ranks": a.ranks()} for a, c in rounds]
+    return [a for a, _ in rounds], factors, info
+
+
+def _check_factors(model: nn.Module, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    problems = factor_problems(model, factors)
+    if problems or not factors:
+        raise ValueError(f"history factors do not fit this model: {problems or 'none given'}")
 
 
 PiSSAHistoryBake = HistoryBake

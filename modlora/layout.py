@@ -1,34 +1,58 @@
 """Which layers an adapter touches: :func:`find_targets` and :class:`TargetLayout`.
 
 Targets are ``nn.Linear`` layers and transformers' ``Conv1D`` (GPT-2, weight stored
-``(d_in, d_out)``). The block index of a target comes from the model's repeated block list,
-found by structure (the largest ``nn.ModuleList`` of identical blocks outside the excluded
-parts), so ``model.layers.N``, ``transformer.h.N``, ``encoder.layer.N``, ``gpt_neox.layers.N``,
-``blocks.N`` and a multimodal model's text stack all work without a hard-coded regex.
+``(d_in, d_out)``). The block index of a target comes from the model's block list
+(:mod:`modlora.blocks`). :func:`fit_problems` is the one check that a set of factor shapes fits
+a model (used by checkpoints, PEFT import and histories rebuilt from factors).
 """
 
-import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .blocks import (
+    DEFAULT_EXCLUDE,
+    BlockList,
+    LayerRange,
+    block_index,
+    find_block_list,
+    matches_any,
+    resolve_layer_range,
+)
+from .ranks import infer_rank
+
 ALL_LINEAR = "all-linear"
-DEFAULT_EXCLUDE = ("lm_head", "vision_tower", "vision_model", "visual", "multi_modal_projector")
-
-LayerRange = tuple[float, float] | tuple[int, int]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s ``OptimizedModule`` and ``(Distributed)DataParallel``.
+
+    Adapters are built on, and attach to, the plain model, so target names never carry the
+    wrappers' ``_orig_mod.`` / ``module.`` prefixes.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        if isinstance(model, parallel):
+            model = model.module
+            continue
+        return model
+
+
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D`` (a linear layer with weight ``(d_in, d_out)``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 def is_target_type(module: nn.Module) -> bool:
     """True for the layer types an adapter can attach to."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -37,6 +61,18 @@ def is_quantized(module: nn.Module) -> bool:
     return (
         type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point
     )
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its weight's device, or accelerate's execution device when
+    the weight is offloaded (kept on ``meta`` between forwards)."""
+    device = module.weight.device
+    if device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        target = getattr(hook, "execution_device", None)
+        if target is not None:
+            return torch.device(target)
+    return device
 
 
 @dataclass(frozen=True)
@@ -63,29 +99,32 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return self.module.weight.device
+        """The device the layer computes on (see :func:`execution_device`)."""
+        return execution_device(self.module)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.module.weight.dtype
 
+    @property
+    def offloaded(self) -> bool:
+        """The weight is not in memory (``meta``): a meta model, or accelerate offloading."""
+        return self.module.weight.device.type == "meta"
+
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a ``(d_out, d_in)`` view (no copy); refuses quantized layers."""
+        """The weight as a ``(d_out, d_in)`` view (no copy); refuses quantized or meta layers."""
         if self.quantized:
             raise TypeError(
                 f"target {self.name!r} is quantized ({type(self.module.weight).__name__}); "
                 "this operation needs the dense weight — load the base model unquantized"
             )
+        if self.offloaded:
+            raise TypeError(
+                f"target {self.name!r} has its weight on the meta device (a meta model, or "
+                "offloaded by accelerate); this operation needs the weight in memory"
+            )
         weight = self.module.weight
         return weight.T if self.transposed else weight
-
-
-@dataclass(frozen=True)
-class BlockList:
-    """The model's repeated block list: ``prefix`` is its qualified name, ``size`` its length."""
-
-    prefix: str
-    size: int
 
 
 @dataclass(frozen=True)
@@ -95,7 +134,9 @@ class TargetLayout:
     Attributes:
         targets: ``{name: Target}`` in model order.
         blocks: the block list used for ``layer_range`` (``None`` if the model has none).
-        spec: ``targets`` patterns, ``exclude`` patterns and ``layer_range`` as given.
+        patterns: the ``targets`` patterns as given.
+        exclude: the ``exclude`` patterns as given.
+        layer_range: the depth band as given.
     """
 
     targets: dict[str, Target]
@@ -120,76 +161,12 @@ class TargetLayout:
     def names(self) -> list[str]:
         return list(self.targets)
 
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """``{name: (d_in, d_out)}`` for every target."""
-        return {t.name: (t.d_in, t.d_out) for t in self}
-
-
-def find_block_list(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> BlockList | None:
-    """Find the model's repeated block list by structure.
-
-    Candidates are ``nn.ModuleList``s of two or more children of one class, none of whose names
-    match ``exclude``. The candidate with the most parameters wins (a multimodal model's text
-    stack outweighs its vision tower; a layer list outweighs the expert list inside one layer).
-    """
-    best: tuple[int, BlockList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if _matches_any(name, exclude):
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        n_params = sum(p.numel() for p in module.parameters())
-        if best is None or n_params > best[0]:
-            best = (n_params, BlockList(prefix=name, size=len(module)))
-    return best[1] if best else None
-
-
-def block_index(name: str, blocks: BlockList | None) -> int | None:
-    """Index of the block ``name`` lives in, or ``None`` if it is outside the block list."""
-    if blocks is None:
-        return None
-    prefix = blocks.prefix + "." if blocks.prefix else ""
-    if not name.startswith(prefix):
-        return None
-    head = name[len(prefix) :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
-def resolve_layer_range(layer_range: LayerRange, n_blocks: int) -> range:
-    """Turn ``layer_range`` into block indices.
-
-    Two ints are absolute indices ``[lo, hi)``; floats are fractions of the depth, block ``i``
-    kept when ``round(lo * n) <= i < round(hi * n)``. ``(0.2, 0.8)`` on 6 blocks keeps 1..4.
-    """
-    if len(layer_range) != 2:
-        raise ValueError(f"layer_range must be (lo, hi), got {layer_range!r}")
-    lo, hi = layer_range
-    if isinstance(lo, bool) or isinstance(hi, bool):
-        raise TypeError(f"layer_range must hold numbers, got {layer_range!r}")
-    if isinstance(lo, int) and isinstance(hi, int):
-        start, stop = lo, hi
-    else:
-        lo, hi = float(lo), float(hi)
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
-            raise ValueError(f"fractional layer_range must lie in [0, 1], got {layer_range!r}")
-        start, stop = round(lo * n_blocks), round(hi * n_blocks)
-    if not 0 <= start < stop <= n_blocks:
-        raise ValueError(
-            f"layer_range={layer_range!r} selects blocks [{start}, {stop}) of a model with "
-            f"{n_blocks} blocks: the band is empty or out of range"
-        )
-    return range(start, stop)
-
-
-def _matches_any(name: str, patterns: Iterable[str]) -> bool:
-    return any(re.search(p, name) for p in patterns)
-
 
 def _normalise_patterns(patterns, what: str) -> tuple[str, ...]:
     if isinstance(patterns, str):
         patterns = (patterns,)
+    if patterns is None or not isinstance(patterns, Sequence):
+        raise TypeError(f"{what} must be a string or a sequence of strings, got {patterns!r}")
     patterns = tuple(patterns)
     for p in patterns:
         if not isinstance(p, str):
@@ -211,7 +188,7 @@ def find_targets(
     """Select the layers an adapter attaches to.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module`` (``torch.compile`` / DDP wrappers are looked through).
         targets: ``"all-linear"`` and/or regexes searched in each layer's qualified name.
             Every pattern must match at least one layer.
         exclude: regexes; a layer whose name matches any of them is skipped. The default skips
@@ -227,6 +204,7 @@ def find_targets(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_targets needs an nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     patterns = _normalise_patterns(targets, "targets")
     exclude = _normalise_patterns(exclude, "exclude")
     if not patterns:
@@ -248,7 +226,7 @@ def find_targets(
         matched = [p for p in patterns if p == ALL_LINEAR or re.search(p, name)]
         for p in matched:
             hits[p] += 1
-        if not matched or _matches_any(name, exclude):
+        if not matched or matches_any(name, exclude):
             continue
         index = block_index(name, blocks)
         if band is not None and index is not None and index not in band:
@@ -276,7 +254,8 @@ def find_targets(
 
 
 def make_target(name: str, module: nn.Module, block: int | None) -> Target:
-    transposed = _is_conv1d(module)
+    """The :class:`Target` of one linear layer."""
+    transposed = is_conv1d(module)
     if transposed:
         d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
     else:
@@ -290,3 +269,71 @@ def make_target(name: str, module: nn.Module, block: int | None) -> Target:
         transposed=transposed,
         quantized=is_quantized(module),
     )
+
+
+def layout_of(model: nn.Module, names: Sequence[str]) -> TargetLayout:
+    """The layout of exactly the layers ``names`` (model order), e.g. for factors from a file.
+
+    Raises:
+        ValueError: a name that is not a linear layer of ``model``.
+    """
+    model = unwrap_model(model)
+    modules = dict(model.named_modules())
+    bad = [n for n in names if n not in modules or not is_target_type(modules[n])]
+    if bad:
+        raise ValueError(f"{type(model).__name__} has no linear layer named {bad[:5]}")
+    blocks = find_block_list(model)
+    wanted = set(names)
+    order = [n for n in modules if n in wanted]
+    return TargetLayout(
+        targets={n: make_target(n, modules[n], block_index(n, blocks)) for n in order},
+        blocks=blocks,
+        patterns=tuple(order),
+        exclude=(),
+        layer_range=None,
+    )
+
+
+def fit_problems(model: nn.Module, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Why factors of logical shapes ``{target: (d_in, d_out)}`` do not fit ``model`` (empty: fit).
+
+    The one "these factors fit this model" check: every name must be a linear layer of the
+    model with exactly those widths. Each problem names the target and both shapes.
+    """
+    modules = dict(unwrap_model(model).named_modules())
+    problems = []
+    for name, (d_in, d_out) in shapes.items():
+        module = modules.get(name)
+        if module is None or not is_target_type(module):
+            problems.append(f"{name}: no such linear layer in {type(model).__name__}")
+            continue
+        t = make_target(name, module, None)
+        if (t.d_in, t.d_out) != (int(d_in), int(d_out)):
+            problems.append(
+                f"{name}: factors (d_in={d_in}, d_out={d_out}) vs layer "
+                f"(d_in={t.d_in}, d_out={t.d_out})"
+            )
+    return problems
+
+
+def factor_problems(
+    model: nn.Module,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    labels: tuple[str, str] = ("A", "B"),
+) -> list[str]:
+    """Why ``{target: (down (r, d_in), up (d_out, r))}`` cannot be a delta on ``model``.
+
+    Ranks must agree between the two factors (:func:`~modlora.ranks.infer_rank`), the tensors
+    must hold values (not ``meta``), and their widths must fit the layers (:func:`fit_problems`).
+    """
+    problems, shapes = [], {}
+    for name, (down, up) in factors.items():
+        try:
+            infer_rank(name, down, up, down_label=labels[0], up_label=labels[1])
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if down.device.type == "meta" or up.device.type == "meta":
+            problems.append(f"{name}: factors are on the meta device (they hold no values)")
+        shapes[name] = (down.shape[-1], up.shape[-2])
+    return problems + fit_problems(model, shapes)

@@ -1,26 +1,52 @@
 """``ModulatedLoRA``: ``ΔW(c) = c · (alpha / r) · B @ A`` on every target."""
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .hooks import LowRankAdapter, check_state_dict
-from .layout import DEFAULT_EXCLUDE, LayerRange, Target, find_targets
+from . import checks
+from .adapter import LowRankAdapter
+from .blocks import DEFAULT_EXCLUDE, LayerRange
+from .kinds import register_kind
+from .layout import find_targets
+from .part import TargetPart
 
 Init = Literal["zero", "signed"]
+INITS = ("zero", "signed")
 SIGNED_INIT_STD = 1e-3
 """Standard deviation of ``B`` under ``init="signed"``: small enough to start near the base."""
 
 
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+def lora_factors(lora_a: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor, float]:
+    """LoRA's delta: ``A = lora_A``, ``B = lora_B``, with ``scale = alpha / r``."""
+    return lora_a, lora_b, scale
 
 
+class LoRAPart(TargetPart):
+    """``lora_A (r, d_in)`` and ``lora_B (d_out, r)`` of one target, and its ``alpha / r``."""
+
+    def __init__(self, name, r, d_in, d_out, alpha, dropout, dtype, device) -> None:
+        super().__init__(name, dropout, pending_init=device.type == "meta")
+        self.scale = float(alpha) / r
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(d_out, r, dtype=dtype, device=device))
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        return lora_factors(self.lora_A, self.lora_B, self.scale)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init for A
+        self.lora_B.zero_()
+        if init == "signed":
+            self.lora_B.normal_(0.0, SIGNED_INIT_STD)
+        self.pending_init = False
+
+
+@register_kind
 class ModulatedLoRA(LowRankAdapter):
     """A LoRA adapter scaled at run time by a signed coefficient ``c``.
 
@@ -38,6 +64,10 @@ class ModulatedLoRA(LowRankAdapter):
         rank_pattern: per-target ranks ``{target name: r}`` overriding ``r``.
         alpha_pattern: per-target alphas ``{target name: alpha}`` overriding ``alpha``.
 
+    On a model on the ``meta`` device the factors are made on ``meta`` too; after
+    ``model.to_empty(...)`` call ``lora.to_empty(device=...)`` (if detached) and
+    ``lora.reset_parameters()``, or load a state dict.
+
     Example:
         >>> lora = ModulatedLoRA(model, r=16, alpha=32)
         >>> with lora(model, c=-1.5):
@@ -45,6 +75,9 @@ class ModulatedLoRA(LowRankAdapter):
     """
 
     kind = "lora"
+    roles = ("lora_A", "lora_B")
+    factor_roles = ("lora_A", "lora_B")
+    config_keys = ("r", "alpha", "dropout", "init", "rank_pattern", "alpha_pattern")
 
     def __init__(
         self,
@@ -60,95 +93,95 @@ class ModulatedLoRA(LowRankAdapter):
         rank_pattern: Mapping[str, int] | None = None,
         alpha_pattern: Mapping[str, float | int] | None = None,
     ) -> None:
-        r = _check_positive_int(r, "r")
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, int | float)
-            or not math.isfinite(alpha)
-            or alpha <= 0
-        ):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-        if not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if init not in ("zero", "signed"):
-            raise ValueError(f"init must be 'zero' or 'signed', got {init!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        config = self._checked(r, alpha, dropout, init, dtype, rank_pattern, alpha_pattern)
         layout = find_targets(model, targets, exclude, layer_range)
-        rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
-        for what, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-            unknown = sorted(set(pattern) - set(layout.names))
+        for what in ("rank_pattern", "alpha_pattern"):
+            unknown = sorted(set(config[what]) - set(layout.names))
             if unknown:
                 raise ValueError(f"{what} names layers that are not targets: {unknown}")
-        for name, value in rank_pattern.items():
-            _check_positive_int(value, f"rank_pattern[{name!r}]")
-        for name, value in alpha_pattern.items():
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(
-                    f"alpha_pattern[{name!r}] must be a positive finite number, got {value!r}"
-                )
         super().__init__(model, layout)
-        self.r, self.alpha, self.dropout_p = r, float(alpha), float(dropout)
-        self.rank_pattern, self.alpha_pattern = (
-            rank_pattern,
-            {k: float(v) for k, v in alpha_pattern.items()},
-        )
-        self.init, self.dtype = init, dtype
-        self._dropout = nn.Dropout(self.dropout_p)
-        self._a: dict[str, nn.Parameter] = {}
-        self._b: dict[str, nn.Parameter] = {}
-        for target in layout:
-            rank = rank_pattern.get(target.name, r)
-            a = torch.empty(rank, target.d_in, dtype=dtype, device=target.device)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's LoRA init for A
-            b = torch.zeros(target.d_out, rank, dtype=dtype, device=target.device)
-            if init == "signed":
-                b.normal_(0.0, SIGNED_INIT_STD)
-            self._a[target.name] = nn.Parameter(a)
-            self._b[target.name] = nn.Parameter(b)
+        self.r, self.alpha, self.dropout_p = config["r"], config["alpha"], config["dropout"]
+        self.init, self.dtype = config["init"], config["dtype"]
+        self.rank_pattern, self.alpha_pattern = config["rank_pattern"], config["alpha_pattern"]
+        for t in layout:
+            rank = self.rank_pattern.get(t.name, self.r)
+            alpha = self.alpha_pattern.get(t.name, self.alpha)
+            self.add_part(
+                LoRAPart(t.name, rank, t.d_in, t.d_out, alpha, self.dropout_p, self.dtype, t.device)
+            )
+        self.reset_parameters()
         model.requires_grad_(False)
 
-    # ------------------------------------------------------------------ factors
-    def hook_factors(self, target: Target) -> tuple[Tensor, Tensor, float]:
-        a = self._a[target.name]
-        return a, self._b[target.name], self.alpha_pattern.get(target.name, self.alpha) / a.shape[0]
+    @staticmethod
+    def _checked(r, alpha, dropout, init, dtype, rank_pattern, alpha_pattern) -> dict:
+        return {
+            "r": checks.positive_int(r, "r"),
+            "alpha": checks.positive_number(alpha, "alpha"),
+            "dropout": checks.probability(dropout, "dropout"),
+            "init": checks.one_of(init, INITS, "init"),
+            "dtype": checks.float_dtype(dtype, "dtype"),
+            "rank_pattern": checks.per_target(rank_pattern, "rank_pattern", checks.positive_int),
+            "alpha_pattern": checks.per_target(
+                alpha_pattern, "alpha_pattern", checks.positive_number
+            ),
+        }
 
-    def dropout(self, x: Tensor) -> Tensor:
-        return self._dropout(x) if self.dropout_p > 0 else x
+    def reset_parameters(self) -> None:
+        """``A`` Kaiming-uniform (PEFT's init), ``B`` zero (``init="signed"``: small normal)."""
+        for _, part in self.named_parts():
+            part.reset_parameters(self.init)
 
-    def ranks(self) -> dict[str, int]:
-        """``{target name: rank}``."""
-        return {name: a.shape[0] for name, a in self._a.items()}
+    # ------------------------------------------------------------------ kind protocol
+    def config(self) -> dict:
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout_p,
+            "init": self.init,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+        }
 
-    # ------------------------------------------------------------------ parameters
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``("<target>.lora_A", A)`` and ``("<target>.lora_B", B)`` for every target."""
-        for name in self._a:
-            yield f"{name}.lora_A", self._a[name]
-            yield f"{name}.lora_B", self._b[name]
+    @classmethod
+    def parse_config(cls, meta: dict) -> dict:
+        return cls._checked(
+            meta.get("r"),
+            meta.get("alpha"),
+            meta.get("dropout"),
+            meta.get("init"),
+            meta.get("dtype"),
+            meta.get("rank_pattern"),
+            meta.get("alpha_pattern"),
+        )
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for _, p in self.named_parameters():
-            yield p
+    @classmethod
+    def target_factors(cls, config: dict, name: str, tensors: dict) -> tuple[Tensor, Tensor, float]:
+        a = tensors["lora_A"]
+        alpha = config["alpha_pattern"].get(name, config["alpha"])
+        return lora_factors(a, tensors["lora_B"], alpha / a.shape[-2])
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Detached copies of every factor, keyed like :meth:`named_parameters`."""
-        return {name: p.detach().clone() for name, p in self.named_parameters()}
+    @classmethod
+    def check_target(cls, config: dict, name: str, tensors: dict, rank: int) -> None:
+        want = config["rank_pattern"].get(name, config["r"])
+        if rank != want:
+            raise ValueError(
+                f"target {name!r}: lora_A {tuple(tensors['lora_A'].shape)}, lora_B "
+                f"{tuple(tensors['lora_B'].shape)}: shapes give r={rank} but the metadata says "
+                f"r={want}"
+            )
 
-    @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Copy factors in place (strict: same keys, same shapes, finite values).
-
-        Raises:
-            KeyError: missing or unexpected keys (all listed).
-            ValueError: a shape mismatch or non-finite values (the target is named).
-        """
-        params = dict(self.named_parameters())
-        check_state_dict(state, params)
-        for key, value in state.items():
-            params[key].copy_(value)
+    @classmethod
+    def rebuild(cls, model, layout, config, tensors) -> "ModulatedLoRA":
+        devices = sorted(
+            {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+        )
+        with torch.random.fork_rng(devices=devices):  # the throw-away init must not move the RNG
+            self = cls(
+                model,
+                targets=layout.patterns,
+                exclude=layout.exclude,
+                layer_range=layout.layer_range,
+                **config,
+            )
+        self.load_target_tensors(tensors)
+        return self

@@ -1,8 +1,8 @@
 """Merge an adapter into a live model's weights (``W += B(c) @ A``), verified and reversible.
 
-The merge reuses :meth:`~modlora.hooks.LowRankAdapter.delta_factors`, so it cannot disagree with
+The merge reuses :meth:`~modlora.adapter.LowRankAdapter.delta_factors`, so it cannot disagree with
 the hooks — and it proves it: every merged layer is run on a probe input and compared with the
-base layer plus the hook's own delta (``LowRankAdapter._delta``). Any failure restores every
+base layer plus the hook's own delta (:func:`~modlora.hooks.add_delta` on the part's factors). Any failure restores every
 weight touched so far, bit for bit, and raises :class:`MergeError` naming the target, the shapes
 and the reason. Nothing is ever skipped silently.
 
@@ -32,9 +32,10 @@ from loguru import logger
 from torch import Tensor, nn
 
 from ._types import Coeff
-from .coefficient import Coefficient
-from .hooks import AdapterStateError, LowRankAdapter
-from .layout import Target, is_quantized
+from .adapter import LowRankAdapter
+from .hooks import add_delta
+from .layout import Target, is_quantized, unwrap_model
+from .part import AdapterStateError
 
 PROBE_ROWS = 4
 """Rows of the random probe input each merged layer is checked on."""
@@ -195,13 +196,14 @@ def _validate(model: nn.Module, adapter: LowRankAdapter, factors: dict) -> None:
 
 @torch.no_grad()
 def _merge_target(
-    target: Target, a: Tensor, b: Tensor, adapter: LowRankAdapter, c: Tensor, rtol: float
+    target: Target, a: Tensor, b: Tensor, adapter: LowRankAdapter, c: float, rtol: float
 ) -> tuple[float, bool]:
     module, weight = target.module, target.dense_weight()  # (d_out, d_in) view
     gen = torch.Generator().manual_seed(PROBE_SEED)
     x = torch.randn(PROBE_ROWS, target.d_in, generator=gen).to(target.device, weight.dtype)
     y_base = module.forward(x).float()
-    delta = adapter._delta(target, x, c, torch.float32)  # the hook's own math, fp32
+    hook_a, hook_b, scale = adapter.part(target.name).checked_factors()
+    delta = add_delta(torch.zeros_like(y_base), x, hook_a, hook_b, scale, c)  # the hook's math
     new = merged_weight(weight, a, b)
     if not bool(torch.isfinite(new).all()):
         raise MergeError(
@@ -244,7 +246,7 @@ def merge(
     """
     if not isinstance(adapter, LowRankAdapter):
         raise TypeError(f"merge needs a modlora adapter, got {type(adapter).__name__}")
-    adapter.check_model(model)
+    model = adapter.check_model(model)
     value = adapter.scalar_c(c, "merge")
     if store not in ("cpu", "device"):
         raise ValueError(f"store must be 'cpu' or 'device', got {store!r}")
@@ -260,11 +262,8 @@ def merge(
 
     factors = adapter.delta_factors(value)
     _validate(model, adapter, factors)
-    coeff = Coefficient(value)
     originals: dict[str, Tensor] = {}
     results: dict[str, tuple[float, bool]] = {}
-    was_training = adapter.training
-    adapter.training = False  # no dropout in the probe's hooked delta
     try:
         for target in adapter.layout:
             weight = target.module.weight
@@ -272,9 +271,7 @@ def merge(
             originals[target.name] = keep
             a, b = factors[target.name]
             try:
-                results[target.name] = _merge_target(
-                    target, a, b, adapter, coeff.on(target.device), rtol
-                )
+                results[target.name] = _merge_target(target, a, b, adapter, value, rtol)
             except MergeError:
                 raise
             except Exception as err:
@@ -284,8 +281,6 @@ def merge(
         if isinstance(err, MergeError):
             err.args = (f"{err.args[0]}; restored {len(originals)} weight(s): model unchanged",)
         raise
-    finally:
-        adapter.training = was_training
 
     sums = {t.name: _fingerprint(t.module.weight) for t in adapter.layout}
     stack.append(_Merged(adapter, value, originals, sums))
@@ -344,7 +339,7 @@ def unmerge(model: nn.Module, adapter: LowRankAdapter, *, force: bool = False) -
         RuntimeError: a merged weight changed shape, dtype or values since the merge (values:
             unless ``force``). Nothing is restored in that case.
     """
-    stack = _MERGES.get(model, [])
+    stack = _MERGES.get(unwrap_model(model), [])
     index = next((i for i, m in enumerate(stack) if m.adapter is adapter), None)
     if index is None:
         raise AdapterStateError(f"{type(adapter).__name__} is not merged into this model")

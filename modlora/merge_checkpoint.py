@@ -6,16 +6,15 @@ weightless skeleton of the model (``config.json`` on the meta device, to tell GP
 from ``nn.Linear``), checks everything, then rewrites one shard at a time into a temporary folder
 that is renamed to ``out_dir`` only at the end. A failure leaves no ``out_dir``.
 
-The adapter file is read by :func:`read_factors`, a small reader over the checkpoint format of
-:mod:`modlora.checkpoint` (v1 keys ``<name>.lora_A/.lora_B``, ``<name>.U/.S/.Vh/.delta_s``,
-``<name>.A/.B`` and the seed's legacy ``A.<name__with__underscores>`` keys) that returns the
-delta factors at ``c`` without a live model.
+The adapter file is read by :func:`~modlora.checkpoint.read_factors`: the same parsing and
+validation as :func:`~modlora.load_adapter`, and the delta from the stored kind's own factor
+function, without a live model. Each merged weight is verified against the hook's math
+(:func:`~modlora.hooks.add_delta`) on a probe input.
 """
 
 import json
 import shutil
-import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,22 +22,21 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ._types import Coeff
-from .checkpoint import read_metadata, weight_fingerprint
-from .coefficient import validate_coeff
+from .checkpoint import AdapterFactors, read_factors, weight_fingerprint, write_folder
+from .hooks import add_delta
+from .kinds import kind_class
+from .layout import is_conv1d
 from .merge import PROBE_ROWS, PROBE_SEED, MergeError, MergeReport, check_merged, merged_weight
-from .ranks import check_rank_vector, infer_rank
 
 RECORD_NAME = "modlora_merge.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ROLES = {"lora": ("lora_A", "lora_B"), "pissa": ("U", "S", "Vh", "delta_s"), "history": ("A", "B")}
-_LEGACY = {"lora": ("A", "B"), "pissa": ("U", "S", "Vh", "delta_s")}
 
 
 def resolve_key(name: str, available: Collection[str], what: str = "key", suffix: str = "") -> str:
@@ -59,87 +57,6 @@ def resolve_key(name: str, available: Collection[str], what: str = "key", suffix
     if hits:
         raise KeyError(f"{what} for {name!r} is ambiguous: {sorted(hits)[:5]}")
     raise KeyError(f"no {what} {full!r} (nor one differing only by a prefix such as 'model.')")
-
-
-# ---------------------------------------------------------------------------- adapter file
-@dataclass(frozen=True)
-class AdapterFactors:
-    """A saved adapter's delta at one ``c``: ``factors = {target: (A (r, d_in), B (d_out, r))}``."""
-
-    path: Path
-    kind: str
-    c: float
-    factors: dict[str, tuple[Tensor, Tensor]]
-    fingerprints: dict[str, str | None]
-
-
-def read_factors(path, c: Coeff | None = 1.0, names: Iterable[str] | None = None) -> AdapterFactors:
-    """Read an adapter file's delta factors at ``c``, float32, without a model.
-
-    Args:
-        path: a file written by ``adapter.save`` (or a legacy seed file).
-        c: the coefficient folded into ``B``; ``None`` uses the stored deployed ``c``.
-        names: module names used to undo the legacy ``__`` flattening (default: ``__`` → ``.``).
-
-    Raises:
-        ValueError: unknown kind, unexpected or incomplete tensors, ranks that contradict the
-            metadata, non-finite values, no usable ``c``.
-    """
-    path = Path(path)
-    meta = read_metadata(path)
-    tensors = load_file(str(path))
-    legacy = meta["format_version"] == 0
-    kind = meta.get("kind", "lora" if legacy else None)
-    roles = (_LEGACY if legacy else _ROLES).get(kind)
-    if roles is None:
-        raise ValueError(f"{path}: unknown adapter kind {kind!r}")
-    if kind == "lora" and not ("r" in meta and "alpha" in meta):
-        raise ValueError(f"{path}: a LoRA file needs metadata 'r' and 'alpha' to scale B")
-    flat = {n.replace(".", "__"): n for n in names or ()}
-    parts: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        if legacy:
-            role, _, name = key.partition(".")
-            name = flat.get(name, name.replace("__", "."))
-        else:
-            name, _, role = key.rpartition(".")
-        if role not in roles or not name:
-            raise ValueError(f"{path}: unexpected tensor {key!r} for a {kind} adapter")
-        parts.setdefault(name, {})[role] = tensor
-    if c is None:
-        c = meta.get("c") if not legacy else None
-        if c is None:
-            raise ValueError(f"c=None uses the deployed c stored in {path}, but it has none")
-    value = validate_coeff(c)
-    if not isinstance(value, float):
-        raise ValueError("merging needs a scalar c")
-    shapes = meta.get("shapes") or {}
-    out = {}
-    for name, p in parts.items():
-        if set(p) != set(roles):
-            raise ValueError(f"{path}: target {name!r} has {sorted(p)}, needs {sorted(roles)}")
-        if not all(bool(torch.isfinite(t).all()) for t in p.values()):
-            raise ValueError(f"{path}: target {name!r} holds non-finite values")
-        d_in, d_out, r_meta = shapes.get(name, (None, None, None))
-        if kind == "pissa":
-            a, b = p["Vh"], p["U"]
-            infer_rank(name, a, b, r_meta, d_in=d_in, d_out=d_out, down_label="Vh", up_label="U")
-            check_rank_vector(name, "delta_s", p["delta_s"], a.shape[0])
-            b, scale = b * p["delta_s"], 1.0  # B = U diag(Δs), in the stored dtype as the hook
-        else:
-            a, b = p[roles[0]], p[roles[1]]
-            if kind == "lora":
-                expected = r_meta or (meta.get("rank_pattern") or {}).get(name, int(meta["r"]))
-            else:
-                expected = r_meta
-            labels = {"down_label": roles[0], "up_label": roles[1]}
-            rank = infer_rank(name, a, b, expected, d_in=d_in, d_out=d_out, **labels)
-            alpha = (meta.get("alpha_pattern") or {}).get(name, meta.get("alpha"))
-            scale = float(alpha) / rank if kind == "lora" else 1.0
-        out[name] = (a.float(), b.float() * (value * scale))
-    if not out:
-        raise ValueError(f"{path}: holds no adapter tensors")
-    return AdapterFactors(path, kind, value, out, dict(meta.get("fingerprints") or {}))
 
 
 # ---------------------------------------------------------------------------- model folder
@@ -205,8 +122,6 @@ def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, 
 
 
 def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers) -> _Plan:
-    from .layout import _is_conv1d
-
     d_out, d_in = b.shape[0], a.shape[1]
     try:
         transposed = None
@@ -215,7 +130,7 @@ def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers) -> 
             key_name = resolve_key(name, modules, "module")
             if tied_out is not None and modules[key_name] is tied_out:
                 raise MergeError(name, "its weight is tied to the input embedding")
-            transposed = _is_conv1d(modules[key_name])
+            transposed = is_conv1d(modules[key_name])
         key = resolve_key(key_name, weight_map, "weight key", ".weight")
     except KeyError as err:
         raise MergeError(name, f"{err.args[0]} in {model_dir}") from None
@@ -271,7 +186,7 @@ def _merge_one(plan: _Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
     x = torch.randn(PROBE_ROWS, logical.shape[1], generator=gen).to(weight.dtype)
     y_base = F.linear(x, logical).float()
     y_merged = F.linear(x, new).float()
-    delta = F.linear(F.linear(x.float(), a), b)  # (n, d_out), the hook's math in fp32
+    delta = add_delta(torch.zeros_like(y_base), x.float(), a, b, 1.0, 1.0)  # c, scale in b
     col_norms = torch.linalg.vector_norm(new.float(), dim=0)  # (d_in,)
     result = check_merged(plan.name, y_base, y_merged, delta, col_norms, x, weight.dtype, rtol)
     return (new.T if plan.transposed else new).contiguous(), result
@@ -323,16 +238,12 @@ def merge_checkpoint(
     names = [n for n, _ in skeleton.named_modules()] if skeleton is not None else None
     adapter = read_factors(adapter_path, c, names)
     plans = _plan(model_dir, adapter, weight_map, skeleton, config)
-    _check_base(
-        model_dir, adapter, plans, check_base or ("raise" if adapter.kind == "pissa" else "warn")
-    )
+    _check_base(model_dir, adapter, plans, check_base or kind_class(adapter.kind).base_check)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    results = {}
-    try:
-        summary = json.dumps({"adapter": adapter.path.name, "kind": adapter.kind, "c": adapter.c})
+    results: dict = {}
+    summary = json.dumps({"adapter": adapter.path.name, "kind": adapter.kind, "c": adapter.c})
+
+    def write(tmp: Path) -> None:
         for shard in sorted(set(weight_map.values())):  # one shard in memory at a time
             with safe_open(str(model_dir / shard), "pt") as f:
                 meta = dict(f.metadata() or {})
@@ -363,13 +274,9 @@ def merge_checkpoint(
             "previous": previous,
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+
+    write_folder(out_dir, write, overwrite)
+    return _report(adapter, results)
 
 
 def _report(adapter: AdapterFactors, results: dict) -> MergeReport:

@@ -17,8 +17,6 @@ concatenated factors with ``lora_alpha = Σr``.
 import json
 import math
 import re
-import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -27,9 +25,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._types import Coeff
-from .hooks import LowRankAdapter
-from .layout import is_target_type, make_target
+from .adapter import LowRankAdapter
+from .checkpoint import write_folder
+from .layout import is_target_type, make_target, unwrap_model
 from .lora import ModulatedLoRA
+from .merge_checkpoint import resolve_key
 from .ranks import infer_rank
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,29 +62,6 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _alpha(adapter: LowRankAdapter, name: str, rank: int, scale: float) -> float:
-    if isinstance(adapter, ModulatedLoRA):
-        return adapter.alpha_pattern.get(name, adapter.alpha)  # the exact stored number
-    return scale * rank
-
-
-def _write_dir(out_dir: Path, overwrite: bool, write) -> None:
-    """Call ``write(tmp)`` on a fresh temporary folder next to ``out_dir``, then rename it."""
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def export_peft(
     adapter: LowRankAdapter, out_dir, c: Coeff | None = 1.0, *, overwrite: bool = False
 ) -> Path:
@@ -112,11 +89,10 @@ def export_peft(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     with torch.no_grad():
-        for target in adapter.layout:
-            a, b, scale = adapter.hook_factors(target)
-            name = target.name
+        for name, part in adapter.named_parts():
+            a, b, scale = part.checked_factors()
             ranks[name] = a.shape[0]
-            alphas[name] = _alpha(adapter, name, a.shape[0], scale)
+            alphas[name] = float(f"{scale * a.shape[0]:.12g}")  # PEFT's scaling = alpha / r
             tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
             b_c = (b.detach().float() * value).cpu().contiguous()  # c folded into B
             tensors[f"{PREFIX}{name}.lora_B.weight"] = b_c
@@ -157,9 +133,7 @@ def export_peft(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
-    out_dir = Path(out_dir)
-    _write_dir(out_dir, overwrite, write)
-    return out_dir
+    return write_folder(out_dir, write, overwrite)
 
 
 def _check_config(config: dict, peft_dir: Path) -> None:
@@ -219,8 +193,6 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
             unexpected tensors, a target ``model`` lacks, or shapes that do not fit.
         FileNotFoundError: missing config or weights.
     """
-    from .merge_checkpoint import resolve_key
-
     peft_dir = Path(peft_dir)
     if not (peft_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{peft_dir} has no {CONFIG_NAME}: not a PEFT adapter folder")
@@ -243,6 +215,7 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     if not factors:
         raise ValueError(f"{peft_dir / WEIGHTS_NAME} holds no LoRA factors")
 
+    model = unwrap_model(model)
     modules = dict(model.named_modules())
     if any(hasattr(m, "base_layer") for m in modules.values()):
         raise ValueError("import_peft needs the plain base model, not a PEFT-wrapped one")
@@ -289,9 +262,12 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
         names.append(name)
         ranks[name] = rank
         alphas[name] = alpha * math.sqrt(rank) if rslora else alpha  # alpha/sqrt(r) = α'/r
-        loaded[f"{name}.lora_A"] = pair["lora_A"].to(dtype)
-        loaded[f"{name}.lora_B"] = pair["lora_B"].to(dtype)
+        loaded[name] = {role: pair[role].to(dtype) for role in ("lora_A", "lora_B")}
+        bad = [role for role, t in loaded[name].items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"{peft_dir}: target {peft_name!r} holds non-finite values in {bad}")
     alpha_default = alpha0 * math.sqrt(r0) if rslora else alpha0
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with torch.random.fork_rng(devices=[]):  # A's throwaway init must not move the user's RNG
         lora = ModulatedLoRA(
             model,
@@ -304,6 +280,12 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
             rank_pattern={n: k for n, k in ranks.items() if k != r0},
             alpha_pattern={n: a for n, a in alphas.items() if a != alpha_default},
         )
-    lora.load_state_dict(loaded)
+    try:
+        lora.load_target_tensors(loaded)
+    except BaseException:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
+        raise
     lora.extra_meta = {"imported_from_peft": str(peft_dir)}
     return lora.eval()

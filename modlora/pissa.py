@@ -1,101 +1,55 @@
 """``ModulatedPiSSA``: ``ΔW(c) = U · diag(c · delta_s) · Vh`` on r selected singular directions of W.
 
 Non-destructive form: ``W`` is never modified (the seed's ``W_res + U diag(S + cΔs) Vh`` is the same
-function). ``c = 0`` is the exact base; rounds can be loaded in any order.
-
-Selection scores (``W = U diag(S) Vh``, ``X`` the calibration inputs, see DESIGN.md):
-
-========================  ============================================  =================
-``s_only``                ``S_i``                                       nothing
-``act_only``              ``mean_n |X_n · Vh_i|``                       calibration
-``wanda``                 ``S_i · mean_n |X_n · Vh_i|``                 calibration
-``cho_rej_min_std``       ``min(std(X_cho · Vh_i), std(X_rej · Vh_i))``  chosen/rejected
-========================  ============================================  =================
+function). ``c = 0`` is the exact base; rounds can be loaded in any order. How directions are
+scored and picked lives in :mod:`modlora.selection`.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
 
 import torch
-from jaxtyping import Float, Int
 from loguru import logger
 from torch import Tensor, nn
 
-from .calibration import Calibration, RunningStats
-from .hooks import LowRankAdapter, check_state_dict
-from .layout import DEFAULT_EXCLUDE, LayerRange, Target, find_targets
-from .lora import _check_positive_int
-
-SelectionScore = Literal["s_only", "act_only", "wanda", "cho_rej_min_std"]
-SELECTION_SCORES = ("s_only", "act_only", "wanda", "cho_rej_min_std")
-SvdMethod = Literal["auto", "full", "randomized"]
-
-
-def direction_scores(
-    score: SelectionScore,
-    s: Float[Tensor, " k"],
-    vh: Float[Tensor, "k d_in"],
-    stats: Mapping[str, RunningStats] | None,
-) -> Float[Tensor, " k"]:
-    """The score of every singular direction, as DESIGN.md defines it."""
-    if score == "s_only":
-        return s
-    if stats is None:
-        raise ValueError(f"selection_score={score!r} needs calibration (collect_calibration)")
-    if score in ("act_only", "wanda"):
-        act = stats["all"].mean_abs_projection(vh).to(s.device)
-        return act if score == "act_only" else s * act
-    if score == "cho_rej_min_std":
-        if stats["chosen"].count == 0 or stats["rejected"].count == 0:
-            raise ValueError(
-                "selection_score='cho_rej_min_std' needs calibration with a chosen/rejected split "
-                "(collect_calibration(..., batches=chosen, rejected=rejected))"
-            )
-        cho = stats["chosen"].projected_std(vh).to(s.device)
-        rej = stats["rejected"].projected_std(vh).to(s.device)
-        return torch.minimum(cho, rej)
-    raise ValueError(f"unknown selection_score {score!r}; choose from {SELECTION_SCORES}")
+from . import checks
+from .adapter import LowRankAdapter
+from .blocks import DEFAULT_EXCLUDE, LayerRange
+from .calibration import Calibration
+from .kinds import register_kind
+from .layout import factor_problems, find_targets
+from .part import TargetPart
+from .ranks import check_rank_vector
+from .selection import (
+    SELECTION_SCORES,
+    SelectionScore,
+    SvdMethod,
+    direction_scores,
+    select_directions,
+    tail_depth,
+    top_singular,
+)
 
 
-def select_directions(scores: Float[Tensor, " k"], r: int) -> Int[Tensor, " r"]:
-    """Indices of the top-``r`` scores, sorted ascending (ties keep the larger singular value)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    return order[:r].sort().values
+def pissa_factors(u: Tensor, vh: Tensor, delta_s: Tensor) -> tuple[Tensor, Tensor, float]:
+    """PiSSA's delta: ``A = Vh``, ``B = U · diag(delta_s)``, scale 1."""
+    return vh, u * delta_s, 1.0
 
 
-def tail_depth(chosen: Int[Tensor, " r"], k: int) -> float:
-    """``(mean(chosen) − (r − 1)/2) / max(1, k − r)``: 0 when the picks are the top of S."""
-    r = chosen.numel()
-    return float((chosen.double().mean() - (r - 1) / 2) / max(1, k - r))
+class PiSSAPart(TargetPart):
+    """Frozen ``U (d_out, r)``, ``S (r,)``, ``Vh (r, d_in)`` and the trainable ``delta_s (r,)``."""
+
+    def __init__(self, name: str, u: Tensor, s: Tensor, vh: Tensor, delta_s_init: float) -> None:
+        super().__init__(name)
+        self.register_buffer("U", u.contiguous())
+        self.register_buffer("S", s.contiguous())
+        self.register_buffer("Vh", vh.contiguous())
+        self.delta_s = nn.Parameter(torch.full_like(self.S, delta_s_init))
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        return pissa_factors(self.U, self.Vh, self.delta_s)
 
 
-def top_singular(
-    weight: Float[Tensor, "d_out d_in"], r: int, method: SvdMethod = "auto", niter: int = 6
-) -> tuple[Float[Tensor, "d_out k"], Float[Tensor, " k"], Float[Tensor, "k d_in"]]:
-    """fp32 SVD of ``weight``; with ``randomized`` only the top ``r`` directions are returned.
-
-    ``auto`` takes the randomized path (``torch.svd_lowrank``, oversampled, ``niter`` power
-    iterations) when ``r`` is at most a quarter of ``k = min(d_out, d_in)`` and ``k >= 256``.
-
-    Randomized settings: ``q = 2r + 24`` columns and ``niter = 6`` power iterations. Trained
-    weights have flat tops (all-MiniLM-L6-v2: ``σ_16 / σ_17 ≈ 1.01``), so the chosen subspace
-    needs the extra columns: on 2048×2048 weights with that spectrum the mean squared cosine of
-    the principal angles to the full SVD's top-16 subspace is ≈0.995 (with ``2r + 8``: ≈0.98),
-    at ~25× less time than the full SVD (``python -m benchmarks.run``, case ``pissa_svd``).
-    """
-    w = weight.float()
-    k = min(w.shape)
-    if method == "auto":
-        method = "randomized" if 4 * r <= k and k >= 256 else "full"  # small: full is cheaper
-    if method == "full":
-        return torch.linalg.svd(w, full_matrices=False)
-    if method != "randomized":
-        raise ValueError(f"svd must be 'auto', 'full' or 'randomized', got {method!r}")
-    q = min(k, 2 * r + 24)  # oversampling for flat spectra: see the docstring
-    u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
-    return u[:, :r], s[:r], v[:, :r].T
-
-
+@register_kind
 class ModulatedPiSSA(LowRankAdapter):
     """PiSSA on selected singular directions, scaled at run time by ``c``.
 
@@ -109,6 +63,9 @@ class ModulatedPiSSA(LowRankAdapter):
         delta_s_init: initial ``delta_s`` (a constant; 0 makes the adapter a no-op at any ``c``).
         svd: ``auto`` | ``full`` | ``randomized`` (randomized only for ``s_only``).
         dtype: dtype of the factors (``delta_s`` and the hooks' math).
+        factors: stored singular factors ``{target: (U (d_out, r_t), S (r_t,), Vh (r_t, d_in))}``
+            to use instead of computing the SVD (how a checkpoint is rebuilt); the targets
+            selected must be exactly its keys.
 
     Attributes:
         tail_depth: the tail-depth diagnostic averaged over targets (0 = top of S).
@@ -116,6 +73,11 @@ class ModulatedPiSSA(LowRankAdapter):
     """
 
     kind = "pissa"
+    roles = ("U", "S", "Vh", "delta_s")
+    factor_roles = ("Vh", "U")
+    config_keys = ("r", "selection_score", "delta_s_init")
+    optional_keys = ("selected", "tail_depth")
+    base_check = "raise"  # U, S, Vh are the SVD of that very base
 
     def __init__(
         self,
@@ -129,175 +91,175 @@ class ModulatedPiSSA(LowRankAdapter):
         delta_s_init: float | int = 0.0,
         svd: SvdMethod = "auto",
         dtype: torch.dtype = torch.float32,
+        *,
+        factors: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None,
     ) -> None:
-        r = _check_positive_int(r, "r")
-        if selection_score not in SELECTION_SCORES:
+        config = self._checked(r, selection_score, delta_s_init, dtype)
+        checks.one_of(svd, ("auto", "full", "randomized"), "svd")
+        score = config["selection_score"]
+        if factors is None and score != "s_only" and calibration is None:
             raise ValueError(
-                f"unknown selection_score {selection_score!r}; choose from {SELECTION_SCORES}"
+                f"selection_score={score!r} needs calibration=collect_calibration(...)"
             )
-        if selection_score != "s_only" and calibration is None:
-            raise ValueError(
-                f"selection_score={selection_score!r} needs calibration=collect_calibration(...)"
-            )
-        if svd not in ("auto", "full", "randomized"):
-            raise ValueError(f"svd must be 'auto', 'full' or 'randomized', got {svd!r}")
-        if svd == "randomized" and selection_score != "s_only":
+        if svd == "randomized" and score != "s_only":
             raise ValueError("svd='randomized' only applies to selection_score='s_only'")
-        if not isinstance(delta_s_init, int | float) or isinstance(delta_s_init, bool):
-            raise ValueError(f"delta_s_init must be a number, got {delta_s_init!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         layout = find_targets(model, targets, exclude, layer_range)
-        quantized = [t.name for t in layout if t.quantized]
-        if quantized:
-            raise TypeError(
-                f"PiSSA needs the dense weight for its SVD; quantized target(s) {quantized[:5]}"
-                f"{'...' if len(quantized) > 5 else ''} — load the base unquantized or use LoRA"
-            )
-        if calibration is not None:
-            for t in layout:
-                calibration.for_target(t.name)  # every target must be calibrated
+        if factors is None:
+            quantized = [t.name for t in layout if t.quantized]
+            if quantized:
+                raise TypeError(
+                    f"PiSSA needs the dense weight for its SVD; quantized target(s) "
+                    f"{quantized[:5]}{'...' if len(quantized) > 5 else ''} — load the base "
+                    "unquantized or use LoRA"
+                )
+            absent = [t.name for t in layout if t.offloaded]
+            if absent:
+                raise TypeError(
+                    f"PiSSA needs each weight in memory for its SVD; target(s) {absent[:5]}"
+                    f"{'...' if len(absent) > 5 else ''} are on the meta device (a meta model, "
+                    "or offloaded) — materialise the model first, or use LoRA"
+                )
+            if calibration is not None:
+                for t in layout:
+                    calibration.for_target(t.name)  # every target must be calibrated
+        else:
+            _check_factor_keys(model, layout, factors)
         super().__init__(model, layout)
-        self.r, self.selection_score, self.dtype = r, selection_score, dtype
-        self.delta_s_init = float(delta_s_init)
-        self._u: dict[str, Tensor] = {}
-        self._s: dict[str, Tensor] = {}
-        self._vh: dict[str, Tensor] = {}
-        self._delta_s: dict[str, nn.Parameter] = {}
+        self.r, self.selection_score = config["r"], score
+        self.delta_s_init, self.dtype = config["delta_s_init"], config["dtype"]
         self.selected: dict[str, Tensor] = {}
-        depths = []
-        for target in layout:
+        self.tail_depth = float("nan")
+        if factors is None:
+            factors = self._decompose(calibration, svd)
+        for t in layout:
+            u, s, vh = (f.to(t.device, self.dtype) for f in factors[t.name])
+            self.add_part(PiSSAPart(t.name, u, s, vh, self.delta_s_init))
+        model.requires_grad_(False)
+
+    @staticmethod
+    def _checked(r, selection_score, delta_s_init, dtype) -> dict:
+        return {
+            "r": checks.positive_int(r, "r"),
+            "selection_score": checks.one_of(selection_score, SELECTION_SCORES, "selection_score"),
+            "delta_s_init": checks.number(delta_s_init, "delta_s_init"),
+            "dtype": checks.float_dtype(dtype, "dtype"),
+        }
+
+    @torch.no_grad()
+    def _decompose(self, calibration: Calibration | None, svd: SvdMethod) -> dict:
+        """``{target: (U, S, Vh)}`` of the selected directions; fills ``selected``, ``tail_depth``."""
+        out, depths = {}, []
+        score = self.selection_score
+        for target in self.layout:
             k = min(target.d_in, target.d_out)
-            rank = min(r, k)
-            method = svd if selection_score == "s_only" else "full"
-            with torch.no_grad():
-                u, s, vh = top_singular(target.dense_weight().detach(), rank, method)
-                if selection_score == "s_only":
-                    idx = torch.arange(rank, device=s.device)
-                else:
-                    stats = calibration.for_target(target.name)
-                    idx = select_directions(direction_scores(selection_score, s, vh, stats), rank)
+            rank = min(self.r, k)
+            method = svd if score == "s_only" else "full"
+            u, s, vh = top_singular(target.dense_weight().detach(), rank, method)
+            if score == "s_only":
+                idx = torch.arange(rank, device=s.device)
+            else:
+                stats = calibration.for_target(target.name)
+                idx = select_directions(direction_scores(score, s, vh, stats), rank)
             self.selected[target.name] = idx.cpu()
             depths.append(tail_depth(idx.cpu(), k))
-            self._set_factors(target.name, u[:, idx], s[idx], vh[idx], dtype)
+            out[target.name] = (u[:, idx], s[idx], vh[idx])
         self.tail_depth = sum(depths) / len(depths)
         logger.info(
             "PiSSA r={} score={} on {} targets: tail depth {:.4f} (0 = top of S)",
-            r,
-            selection_score,
-            len(layout),
+            self.r,
+            score,
+            len(self.layout),
             self.tail_depth,
         )
-        model.requires_grad_(False)
-
-    @classmethod
-    def from_factors(
-        cls,
-        model: nn.Module,
-        factors: Mapping[str, tuple[Tensor, Tensor, Tensor]],
-        r: int,
-        selection_score: SelectionScore = "s_only",
-        targets: Sequence[str] | str = ("all-linear",),
-        exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
-        layer_range: LayerRange | None = None,
-        delta_s_init: float | int = 0.0,
-        dtype: torch.dtype = torch.float32,
-    ) -> "ModulatedPiSSA":
-        """Rebuild from stored singular factors ``{target: (U (d_out, r_t), S (r_t,), Vh (r_t, d_in))}``.
-
-        No SVD is run. The targets found with ``targets/exclude/layer_range`` must be exactly the
-        keys of ``factors``, with matching shapes.
-
-        Raises:
-            ValueError: missing, unexpected or mis-shaped targets (all listed).
-        """
-        layout = find_targets(model, targets, exclude, layer_range)
-        missing = sorted(set(layout.names) - set(factors))
-        unexpected = sorted(set(factors) - set(layout.names))
-        wrong = []
-        for name, (u, s, vh) in factors.items():
-            if name not in layout:
-                continue
-            t = layout[name]
-            rank = s.shape[0] if s.dim() == 1 else -1
-            if u.shape != (t.d_out, rank) or vh.shape != (rank, t.d_in):
-                wrong.append(
-                    f"{name}: U {tuple(u.shape)}, S {tuple(s.shape)}, Vh {tuple(vh.shape)} "
-                    f"vs layer (d_out={t.d_out}, d_in={t.d_in})"
-                )
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"PiSSA factors do not fit this model: missing targets {missing}, "
-                f"unexpected targets {unexpected}, shape mismatches {wrong}"
-            )
-        self = cls.__new__(cls)
-        LowRankAdapter.__init__(self, model, layout)
-        self.r, self.selection_score, self.dtype = r, selection_score, dtype
-        self.delta_s_init = float(delta_s_init)
-        self._u, self._s, self._vh, self._delta_s = {}, {}, {}, {}
-        self.selected = {}
-        self.tail_depth = float("nan")
-        for target in layout:
-            u, s, vh = factors[target.name]
-            dev = target.device
-            self._set_factors(target.name, u.to(dev), s.to(dev), vh.to(dev), dtype)
-        model.requires_grad_(False)
-        return self
-
-    def _set_factors(self, name: str, u: Tensor, s: Tensor, vh: Tensor, dtype: torch.dtype) -> None:
-        self._u[name] = u.to(dtype).contiguous()
-        self._s[name] = s.to(dtype).contiguous()
-        self._vh[name] = vh.to(dtype).contiguous()
-        self._delta_s[name] = nn.Parameter(torch.full_like(self._s[name], self.delta_s_init))
-
-    # ------------------------------------------------------------------ factors
-    def hook_factors(self, target: Target) -> tuple[Tensor, Tensor, float]:
-        u = self._u[target.name]
-        return self._vh[target.name], u * self._delta_s[target.name], 1.0  # B = U diag(Δs)
-
-    def ranks(self) -> dict[str, int]:
-        """``{target name: rank}`` (``r`` clamped per target)."""
-        return {name: s.shape[0] for name, s in self._s.items()}
+        return out
 
     def singular_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(U (d_out, r), S (r,), Vh (r, d_in))`` kept for ``name``."""
-        return self._u[name], self._s[name], self._vh[name]
-
-    # ------------------------------------------------------------------ parameters
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``("<target>.delta_s", delta_s)`` for every target."""
-        for name, p in self._delta_s.items():
-            yield f"{name}.delta_s", p
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for _, p in self.named_parameters():
-            yield p
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """``delta_s`` and the singular factors (``.U``, ``.S``, ``.Vh``), detached copies."""
-        out = {}
-        for name in self._delta_s:
-            out[f"{name}.U"] = self._u[name].clone()
-            out[f"{name}.S"] = self._s[name].clone()
-            out[f"{name}.Vh"] = self._vh[name].clone()
-            out[f"{name}.delta_s"] = self._delta_s[name].detach().clone()
-        return out
+        part = self.part(name)
+        return part.U, part.S, part.Vh
 
     @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Load ``delta_s`` (required) and singular factors (optional) in place, strictly.
+    def reset_parameters(self) -> None:
+        """``delta_s = delta_s_init`` on every target."""
+        for _, part in self.named_parts():
+            part.delta_s.fill_(self.delta_s_init)
+            part.pending_init = False
 
-        Raises:
-            KeyError: missing or unexpected keys.
-            ValueError: a shape mismatch or non-finite values (the key is named).
-        """
-        current = self.state_dict()
-        required = {k for k in current if k.endswith(".delta_s")}
-        check_state_dict(state, current, required)
-        stores = {"U": self._u, "S": self._s, "Vh": self._vh}
-        for key, value in state.items():
-            name, role = key.rsplit(".", 1)
-            if role == "delta_s":
-                self._delta_s[name].copy_(value)
-            else:
-                stores[role][name].copy_(value)
+    # ------------------------------------------------------------------ kind protocol
+    def config(self) -> dict:
+        depth = self.tail_depth
+        return {
+            "r": self.r,
+            "selection_score": self.selection_score,
+            "delta_s_init": self.delta_s_init,
+            "selected": {k: v.tolist() for k, v in self.selected.items()},
+            "tail_depth": depth if depth == depth else None,  # NaN (unknown) is stored as null
+        }
+
+    @classmethod
+    def parse_config(cls, meta: dict) -> dict:
+        config = cls._checked(
+            meta.get("r"), meta.get("selection_score"), meta.get("delta_s_init"), meta.get("dtype")
+        )
+        selected = meta.get("selected") or {}
+        if not isinstance(selected, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            for v in selected.values()
+        ):
+            raise checks.invalid(
+                ValueError, "selected", f"selected must be {{target: [int, ...]}}, got {selected!r}"
+            )
+        depth = meta.get("tail_depth")
+        config["selected"] = {k: torch.tensor(v, dtype=torch.long) for k, v in selected.items()}
+        config["tail_depth"] = float("nan") if depth is None else checks.number(depth, "tail_depth")
+        return config
+
+    @classmethod
+    def target_factors(cls, config: dict, name: str, tensors: dict) -> tuple[Tensor, Tensor, float]:
+        return pissa_factors(tensors["U"], tensors["Vh"], tensors["delta_s"])
+
+    @classmethod
+    def check_target(cls, config: dict, name: str, tensors: dict, rank: int) -> None:
+        if rank > config["r"]:
+            raise ValueError(
+                f"target {name!r}: U {tuple(tensors['U'].shape)}, Vh {tuple(tensors['Vh'].shape)}"
+                f": r={rank} exceeds the metadata r={config['r']}"
+            )
+        check_rank_vector(name, "S", tensors["S"], rank)
+        check_rank_vector(name, "delta_s", tensors["delta_s"], rank)
+
+    @classmethod
+    def rebuild(cls, model, layout, config, tensors) -> "ModulatedPiSSA":
+        self = cls(
+            model,
+            r=config["r"],
+            selection_score=config["selection_score"],
+            targets=layout.patterns,
+            exclude=layout.exclude,
+            layer_range=layout.layer_range,
+            delta_s_init=config["delta_s_init"],
+            dtype=config["dtype"],
+            factors={n: (t["U"], t["S"], t["Vh"]) for n, t in tensors.items()},
+        )
+        self.load_target_tensors(tensors)
+        self.selected = dict(config["selected"])
+        self.tail_depth = config["tail_depth"]
+        return self
+
+
+def _check_factor_keys(model, layout, factors: Mapping[str, tuple[Tensor, Tensor, Tensor]]) -> None:
+    missing = sorted(set(layout.names) - set(factors))
+    unexpected = sorted(set(factors) - set(layout.names))
+    problems = factor_problems(
+        model, {n: (vh, u) for n, (u, _, vh) in factors.items()}, ("Vh", "U")
+    )
+    for name, (_, s, vh) in factors.items():
+        try:
+            check_rank_vector(name, "S", s, vh.shape[-2])
+        except ValueError as err:
+            problems.append(str(err))
+    if missing or unexpected or problems:
+        raise ValueError(
+            f"PiSSA factors do not fit this model: missing targets {missing}, "
+            f"unexpected targets {unexpected}, problems {problems}"
+        )

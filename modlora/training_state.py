@@ -37,7 +37,10 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .hooks import LowRankAdapter
+from .adapter import LowRankAdapter
+from .checkpoint.io import StoredFile, read_file
+from .checkpoint.spec import group_tensors, metadata_of
+from .kinds import kind_class
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "training_state.pt"
@@ -135,7 +138,7 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def _config(adapter: LowRankAdapter) -> dict:
     """The adapter's configuration as :func:`~modlora.read_metadata` would decode it."""
-    meta = ckpt._metadata_of(adapter, adapter.kind, {}, None, fingerprints=False)
+    meta = metadata_of(adapter, {}, None, fingerprints={})
     plain = ("kind", "dtype")
     return {k: meta[k] if k in plain else json.loads(meta[k]) for k in _CONFIG_KEYS if k in meta}
 
@@ -181,7 +184,7 @@ def save_training_state(
     state = {
         "version": STATE_VERSION,
         "step": step,
-        "adapter_digest": ckpt._read_file(adapter_path).identity,
+        "adapter_digest": read_file(adapter_path).identity,
         "param_names": names,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -193,12 +196,12 @@ def save_training_state(
 
 
 # ---------------------------------------------------------------------------- resume
-def _read_state(path: str | os.PathLike) -> tuple[ckpt._File, dict]:
+def _read_state(path: str | os.PathLike) -> tuple[StoredFile, dict]:
     adapter_path, state_path = _paths(path)
     for p in (adapter_path, state_path):
         if not p.is_file():
             raise FileNotFoundError(f"{path} is not a training-state folder: {p.name} is missing")
-    file = ckpt._read_file(adapter_path)
+    file = read_file(adapter_path)
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -269,7 +272,9 @@ def resume_training(
     if (scheduler is None) != (state.get("scheduler") is None):
         saved = "had" if state.get("scheduler") is not None else "had no"
         raise ValueError(f"the saved run {saved} scheduler; pass the same (or none)")
-    adapter.load_state_dict(file.tensors)
+    adapter.load_target_tensors(
+        group_tensors(file.tensors, kind_class(saved["kind"]).roles, file.path)
+    )
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])

@@ -1,4 +1,4 @@
-"""The seed's legacy checkpoint format: detection and parsing into a :class:`_Spec`.
+"""The seed's legacy checkpoint format: detection and parsing into a :class:`~.spec.Spec`.
 
 Legacy (seed) files: LoRA ``A.<name with . as __> (r, d_in)`` / ``B.<…> (d_out, r)`` with
 metadata ``r``, ``alpha``, ``targets`` (comma-separated), ``layer_range`` (``"lo,hi"``) and user
@@ -6,57 +6,71 @@ keys (kept as ``extra_meta``); PiSSA ``U./S./Vh./delta_s.<…>`` with ``kind=pis
 ``selection_score``. The target set is rebuilt from the tensor keys (matched against the model's
 module names); a disagreement with ``targets`` / ``layer_range`` / the old default exclusions is
 logged as a warning. Legacy PiSSA files carry no fingerprint: the base check
-(:mod:`modlora.checkpoint_validate`) verifies instead that ``U_i^T W Vh_i = S_i`` on every target.
+(:mod:`modlora.checkpoint.validate`) verifies instead that ``U_i^T W Vh_i = S_i`` on every target.
 """
 
 import math
 import re
+from collections.abc import Sequence
 
 from loguru import logger
-from torch import Tensor, nn
+from torch import Tensor
 
-from .checkpoint_io import CheckpointError, _File
-from .checkpoint_spec import _need, _Spec
-from .pissa import SELECTION_SCORES
+from ..kinds import kind_class
+from .io import CheckpointError, StoredFile
+from .spec import Spec, kind_config, need
 
 LEGACY_EXCLUDE = ("vision_tower", "lm_head")
-LEGACY_ROLES = {"lora": ("A", "B"), "pissa": ("U", "S", "Vh", "delta_s")}
+LEGACY_ROLES = {
+    "lora": {"A": "lora_A", "B": "lora_B"},
+    "pissa": {"U": "U", "S": "S", "Vh": "Vh", "delta_s": "delta_s"},
+}
+"""The seed's tensor prefixes per kind, and the v1 role each one is."""
 _LEGACY_KEYS = ("r", "alpha", "targets", "layer_range", "kind", "selection_score")
 
 
-def _is_legacy(file: _File) -> bool:
+def is_legacy(file: StoredFile) -> bool:
     prefixes = tuple(f"{role}." for roles in LEGACY_ROLES.values() for role in roles)
     keys = list(file.tensors)
     return bool(keys) and all(k.startswith(prefixes) for k in keys)
 
 
-def _parse_legacy(file: _File, model: nn.Module) -> _Spec:
+def parse_legacy(file: StoredFile, names: Sequence[str] | None) -> Spec:
+    """The :class:`Spec` of a seed file.
+
+    Args:
+        file: the file read.
+        names: the model's module names (undo the ``__`` flattening, check the selection);
+            ``None``: no model (``__`` becomes ``.``; nothing is checked against a model).
+    """
     meta, path = file.metadata, file.path
     kind = meta.get("kind", "lora")
     if kind not in LEGACY_ROLES:
         raise CheckpointError(
             f"{path}: unknown adapter kind {kind!r} in a legacy file; known {sorted(LEGACY_ROLES)}"
         )
-    by_flat = {n.replace(".", "__"): n for n, m in model.named_modules() if n}
-    factors: dict[str, dict[str, Tensor]] = {}
+    roles = LEGACY_ROLES[kind]
+    by_flat = {n.replace(".", "__"): n for n in names or () if n}
+    tensors: dict[str, dict[str, Tensor]] = {}
     unknown, foreign = [], []
     for key, tensor in file.tensors.items():
         role, _, flat = key.partition(".")
-        if role not in LEGACY_ROLES[kind] or not flat:
+        if role not in roles or not flat:
             unknown.append(key)
-        elif flat not in by_flat:
+        elif names is not None and flat not in by_flat:
             foreign.append(flat.replace("__", "."))
         else:
-            factors.setdefault(by_flat[flat], {})[role] = tensor
+            name = by_flat.get(flat, flat.replace("__", "."))
+            tensors.setdefault(name, {})[roles[role]] = tensor
     if unknown:
         raise CheckpointError(
             f"{path}: legacy {kind} file has unexpected tensor keys {sorted(unknown)[:10]} "
-            f"(expected roles {LEGACY_ROLES[kind]})"
+            f"(expected roles {tuple(roles)})"
         )
     if foreign:
         raise CheckpointError(
-            f"checkpoint {path} does not fit this model ({type(model).__name__}): unexpected "
-            f"targets {sorted(set(foreign))} (no such module)"
+            f"checkpoint {path} does not fit this model: unexpected targets "
+            f"{sorted(set(foreign))} (no such module)"
         )
     dtypes = {t.dtype for t in file.tensors.values()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
@@ -64,34 +78,40 @@ def _parse_legacy(file: _File, model: nn.Module) -> _Spec:
         raise CheckpointError(f"{path}: legacy tensors must share one float dtype, got {dtypes}")
     if "r" not in meta:
         raise CheckpointError(f"{path}: metadata key 'r' is missing")
-    _need(
-        re.fullmatch(r"\d+", meta["r"]) is not None and int(meta["r"]) > 0,
-        path,
-        "r",
-        "a positive int",
-        meta["r"],
+    need(re.fullmatch(r"\d+", meta["r"]) is not None, path, "r", "a positive int", meta["r"])
+    if kind == "lora" and "alpha" not in meta:
+        raise CheckpointError(f"{path}: metadata key 'alpha' is missing")
+    try:
+        alpha = float(meta.get("alpha", "nan"))
+    except ValueError:
+        alpha = float("nan")
+    config = {
+        "r": int(meta["r"]),
+        "alpha": alpha,
+        "dropout": 0.0,
+        "init": "zero",
+        "dtype": dtype,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "selection_score": meta.get("selection_score", "s_only"),
+        "delta_s_init": 0.0,
+    }
+    cls = kind_class(kind)
+    order = [n for n in names if n in tensors] if names is not None else sorted(tensors)
+    if names is not None:
+        _check_legacy_selection(meta, order, names, path)
+    return Spec(
+        path=path,
+        kind=kind,
+        cls=cls,
+        legacy=True,
+        config=kind_config(cls, {k: config[k] for k in ("dtype", *cls.config_keys)}, path),
+        tensors={n: tensors[n] for n in order},
+        identity=file.identity,
+        targets=tuple("^" + re.escape(n) + "$" for n in order),  # exactly the stored targets
+        exclude=(),
+        extra_meta={k: v for k, v in meta.items() if k not in _LEGACY_KEYS},
     )
-    spec = _Spec(kind=kind, legacy=True, factors=factors, dtype=dtype, r=int(meta["r"]))
-    names = [n for n, _ in model.named_modules() if n in factors]  # model order
-    spec.targets = tuple("^" + re.escape(n) + "$" for n in names)  # exactly the stored targets
-    spec.extra_meta = {k: v for k, v in meta.items() if k not in _LEGACY_KEYS}
-    if kind == "lora":
-        if "alpha" not in meta:
-            raise CheckpointError(f"{path}: metadata key 'alpha' is missing")
-        try:
-            alpha = float(meta["alpha"])
-        except ValueError:
-            alpha = float("nan")
-        _need(math.isfinite(alpha) and alpha > 0, path, "alpha", "a positive number", meta["alpha"])
-        spec.alpha = alpha
-    else:
-        score = meta.get("selection_score", "s_only")
-        _need(
-            score in SELECTION_SCORES, path, "selection_score", f"one of {SELECTION_SCORES}", score
-        )
-        spec.selection_score = score
-    _check_legacy_selection(meta, names, model, path)
-    return spec
 
 
 def _parse_legacy_range(value: str | None, path) -> tuple | None:
@@ -110,7 +130,7 @@ def _parse_legacy_range(value: str | None, path) -> tuple | None:
         ) from None
 
 
-def _check_legacy_selection(meta: dict, names: list[str], model: nn.Module, path) -> None:
+def _check_legacy_selection(meta: dict, names: list[str], modules: Sequence[str], path) -> None:
     """Warn where the tensor keys disagree with the legacy targets / layer_range / exclusions.
 
     Warnings, not errors: the seed's exact matching and rounding rules are not recorded, and the
@@ -119,7 +139,7 @@ def _check_legacy_selection(meta: dict, names: list[str], model: nn.Module, path
     patterns = [p.strip() for p in meta.get("targets", "").split(",") if p.strip()]
     band = _parse_legacy_range(meta.get("layer_range"), path)
     block = re.compile(r"\.layers\.(\d+)\.")
-    indices = [int(m.group(1)) for n, _ in model.named_modules() if (m := block.search(n + "."))]
+    indices = [int(m.group(1)) for n in modules if (m := block.search(n + "."))]
     depth = 1 + max(indices, default=-1)
 
     def matches(p: str, name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Checkpoint file plumbing: base-weight fingerprints, atomic writes, safe safetensors reads.
+"""Checkpoint file plumbing: base-weight fingerprints, the one atomic writer, safe reads.
 
 Base-weight fingerprint (:func:`weight_fingerprint`): blake2b-128 over dtype, shape and the raw
 bytes of the stored weight when it has at most ``2**22`` elements; above that, over a strided
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def weight_fingerprint(weight: Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------- atomic write
-def _check_destination(path: str | os.PathLike) -> Path:
+def check_destination(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
@@ -91,7 +92,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    path = _check_destination(path)
+    path = check_destination(path)
     folder = path.parent
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
@@ -114,16 +115,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def write_folder(
+    out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool
+) -> Path:
+    """Create the folder ``out_dir`` atomically: ``write(temp)`` fills a fresh folder beside it,
+    which is renamed to ``out_dir`` only once complete (a failure leaves no ``out_dir``).
+
+    Args:
+        out_dir: the folder to create.
+        write: called with the temporary folder; must fill it.
+        overwrite: replace an existing ``out_dir`` (only after ``write`` succeeded).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 # ---------------------------------------------------------------------------- read
 @dataclass
-class _File:
+class StoredFile:
     path: Path
     metadata: dict[str, str]
     tensors: dict[str, Tensor]
     identity: str  # digest of the tensor index and data (not the metadata)
 
 
-def _read_header(path: Path, data: bytes) -> tuple[dict, int]:
+def read_header(path: Path, data: bytes) -> tuple[dict, int]:
     if len(data) < 8:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -143,12 +175,12 @@ def _read_header(path: Path, data: bytes) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read_file(path: str | os.PathLike) -> _File:
+def read_file(path: str | os.PathLike) -> StoredFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     data = path.read_bytes()
-    header, start = _read_header(path, data)
+    header, start = read_header(path, data)
     ends = [
         v["data_offsets"][1]
         for k, v in header.items()
@@ -168,10 +200,10 @@ def _read_file(path: str | os.PathLike) -> _File:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(index, sort_keys=True).encode())
     h.update(memoryview(data)[start:])
-    return _File(path, dict(metadata), tensors, h.hexdigest())
+    return StoredFile(path, dict(metadata), tensors, h.hexdigest())
 
 
-def _header_metadata(path: str | os.PathLike) -> dict[str, str]:
+def header_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -179,5 +211,5 @@ def _header_metadata(path: str | os.PathLike) -> dict[str, str]:
         prefix = f.read(8)
         n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
         data = prefix + f.read(min(n, 100 * 2**20))
-    header, _ = _read_header(path, data)
+    header, _ = read_header(path, data)
     return dict(header.get("__metadata__") or {})

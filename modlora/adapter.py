@@ -1,0 +1,460 @@
+"""``LowRankAdapter``: the ``nn.Module`` every adapter kind is, its kind protocol and its lifetime.
+
+An adapter owns one :class:`~modlora.part.TargetPart` per target layer, in a tree under
+``adapter.parts`` that mirrors the model's module names, so ``adapter.state_dict()`` keys read
+``parts.<target name>.<role>``. While attached (``attach`` or a ``with`` block) each part is also
+registered in its target layer as ``layer.<slot>`` (``modlora_lora``, ``modlora_pissa``, … with a
+number appended when taken), and a :class:`~modlora.hooks.DeltaHook` on the layer adds its delta:
+``model.parameters()`` then yields the very same ``Parameter`` objects as
+``adapter.parameters()``, so DDP, FSDP2, accelerate, the HF Trainer and any optimizer built from
+the model train them. ``detach`` removes both; the model's ``state_dict`` keys are then exactly
+the base keys again. (Saving the model's ``state_dict`` while attached therefore includes the
+adapter's tensors under ``<layer>.<slot>.<role>``: detach first to save the plain base.)
+
+Kind protocol — a kind is a subclass, registered with ``@register_kind`` in its own file:
+
+* ``kind`` (the string stored in checkpoints) and ``roles`` (its tensors per target, e.g.
+  ``("lora_A", "lora_B")``), with ``factor_roles = (down, up)``, the two roles whose shapes give
+  the rank (``down: (r, d_in)``, ``up: (d_out, r)``);
+* ``config()``: its own metadata (JSON values) and ``parse_config(meta)``, the checked inverse;
+* ``target_factors(config, name, tensors)``: the pure function (config, tensors) → ``(A, B,
+  scale)`` — its parts call the same function, so hooks, merge, offline merge, PEFT export and
+  checkpoints share one formula; ``c`` is applied by the caller (``ΔW(c) = c · scale · B @ A``);
+* ``check_target(config, name, tensors, rank)``: what its tensors must satisfy beyond shapes;
+* ``rebuild(model, layout, config, tensors)``: the adapter from stored tensors (no SVD, no init).
+
+``torch.compile``: a compiled model must see hooks come and go. modlora turns on dynamo's guards
+on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards = False``) whenever dynamo is
+loaded at an attach or detach; if they were off, the code compiled so far is reset once
+(``torch.compiler.reset()``, logged) so it recompiles with the adapter. Each adapter keeps one
+hook object, so a ``with`` block toggles between two cached graphs, not a new compile each time.
+"""
+
+import copy
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from loguru import logger
+from torch import Tensor, nn
+
+from ._types import Coeff, FactorA, FactorB
+from .checkpoint import load_adapter, save_adapter
+from .coefficient import Coefficient, validate_coeff
+from .hooks import DeltaHook
+from .layout import TargetLayout, unwrap_model
+from .part import AdapterStateError, TargetPart
+
+PARTS = "parts"
+"""The adapter's child module holding the per-target parts (``state_dict`` key prefix)."""
+
+
+def describe_model(model: nn.Module) -> str:
+    return f"{type(model).__name__} at {id(model):#x}"
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    """transformers' activation (gradient) checkpointing flag, under its old or new name."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _let_compiled_code_see_hooks() -> None:
+    """Make dynamo guard on module hooks, resetting code compiled without those guards (once)."""
+    config = sys.modules.get("torch._dynamo.config")
+    if config is None or not config.skip_nnmodule_hook_guards:
+        return  # dynamo never loaded (nothing compiled), or the guards are already on
+    config.skip_nnmodule_hook_guards = False
+    torch.compiler.reset()
+    logger.info(
+        "modlora: turned on torch.compile's guards on module hooks and reset compiled code, so "
+        "compiled models see adapters attach and detach (they recompile once)"
+    )
+
+
+def _check_incoming_state(module, state_dict, prefix, local_metadata, strict, *_) -> None:
+    """Before torch's own ``load_state_dict`` copies anything: every tensor of the adapter that
+    is given must have the right shape and finite values (so a bad state leaves it as it was)."""
+    for key, current in module.state_dict(prefix=prefix, keep_vars=True).items():
+        value = state_dict.get(key)
+        if value is None:
+            continue  # torch reports missing keys itself (strict=True)
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(
+                f"{key}: shape {tuple(value.shape)} does not match the adapter's "
+                f"{tuple(current.shape)}; nothing was loaded"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key}: holds non-finite values; nothing was loaded")
+
+
+class LowRankAdapter(nn.Module):
+    """Base class: an adapter whose delta on each target is ``c · scale · B @ A``.
+
+    Attributes:
+        layout: the :class:`~modlora.layout.TargetLayout` the adapter was built on.
+        parts: the per-target parts, in a tree mirroring the model's module names.
+        coefficient: the run-time ``c`` (see :meth:`set_coeff`).
+        enabled: an on/off switch read by every hook call (``False`` → base output).
+        gate: optional callable; when set, the hooks add the delta only while it returns True.
+        deployed_c: the calibrated ``c`` stored with a checkpoint.
+        extra_meta: the user's metadata stored with a checkpoint.
+        attach_guards: callables run with the adapter at the start of ``attach``; one raises to
+            refuse (a copy of this delta is already in the model).
+    """
+
+    kind: ClassVar[str] = "lowrank"
+    roles: ClassVar[tuple[str, ...]] = ()
+    factor_roles: ClassVar[tuple[str, str]] = ("A", "B")
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    optional_keys: ClassVar[tuple[str, ...]] = ()
+    selects_targets: ClassVar[bool] = True
+    base_check: ClassVar[str] = "warn"  # a load onto another base: "raise" | "warn"
+    attach_on_load: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, layout: TargetLayout) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"an adapter needs an nn.Module, got {type(model).__name__}")
+        super().__init__()
+        self.__dict__["_model"] = unwrap_model(model)  # not a submodule
+        self.layout = layout
+        self.parts = nn.Module()
+        self._by_name: dict[str, TargetPart] = {}
+        self.coefficient = Coefficient(1.0)
+        self.enabled = True
+        self.gate = None
+        self.deployed_c: float | None = None
+        self.extra_meta: dict = {}
+        self.attach_guards: list = []
+        self._slot: str | None = None
+        self._hook: DeltaHook | None = None
+        self._handles: list = []
+        self._grad_forward_seen = False
+        self.register_load_state_dict_pre_hook(_check_incoming_state)
+        self.eval()
+
+    # ------------------------------------------------------------------ parts
+    def add_part(self, part: TargetPart) -> None:
+        """Put ``part`` in the ``parts`` tree under its target's name."""
+        node = self.parts
+        *path, leaf = part.name.split(".")
+        for step in path:
+            child = node._modules.get(step)
+            if child is None:
+                child = node._modules[step] = nn.Module()
+            node = child
+        node._modules[leaf] = part
+        part.bind(self)
+        part.train(self.training)
+        self._by_name[part.name] = part
+
+    def part(self, name: str) -> TargetPart:
+        """The part of target ``name``."""
+        return self._by_name[name]
+
+    def named_parts(self) -> Iterator[tuple[str, TargetPart]]:
+        """``(target name, part)`` in model order."""
+        for target in self.layout:
+            yield target.name, self._by_name[target.name]
+
+    def target_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """``{target: {role: tensor}}`` (the live tensors, not copies)."""
+        return {name: part.tensors() for name, part in self.named_parts()}
+
+    @torch.no_grad()
+    def load_target_tensors(self, tensors) -> None:
+        """Copy ``{target: {role: tensor}}`` into the parts, in place (all targets, all roles).
+
+        Raises:
+            KeyError: a target or role missing or unexpected; ValueError: a shape mismatch or
+                non-finite values. Checked before anything is copied.
+        """
+        current = self.target_tensors()
+        wrong = sorted(set(current) ^ set(tensors))
+        if wrong:
+            raise KeyError(f"targets do not match the adapter's: {wrong[:8]}")
+        for name, parts in current.items():
+            if set(parts) != set(tensors[name]):
+                raise KeyError(f"{name}: roles {sorted(tensors[name])}, expected {sorted(parts)}")
+            for role, t in parts.items():
+                value = tensors[name][role]
+                if tuple(value.shape) != tuple(t.shape):
+                    raise ValueError(
+                        f"{name}.{role}: shape {tuple(value.shape)} does not match {tuple(t.shape)}"
+                    )
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{name}.{role}: holds non-finite values")
+        for name, part in self.named_parts():
+            for role, t in part.tensors().items():
+                t.copy_(tensors[name][role])
+            part.pending_init = False
+
+    def ranks(self) -> dict[str, int]:
+        """``{target name: rank}``."""
+        return {name: part.rank for name, part in self.named_parts()}
+
+    def reset_parameters(self) -> None:
+        """Give every part its initial values (after ``to_empty`` on a meta-built adapter)."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to initialise")
+
+    # ------------------------------------------------------------------ kind protocol
+    def config(self) -> dict[str, Any]:
+        """The kind's own metadata (JSON values), as stored in a checkpoint."""
+        raise NotImplementedError
+
+    @classmethod
+    def parse_config(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        """Check decoded metadata and return the kind's config; ``ValueError`` names the key."""
+        raise NotImplementedError
+
+    @classmethod
+    def target_factors(
+        cls, config: dict, name: str, tensors: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor, float]:
+        """The pure factor function: ``(A, B, scale)`` of target ``name`` from its tensors."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_target(cls, config: dict, name: str, tensors: dict[str, Tensor], rank: int) -> None:
+        """Raise ``ValueError`` naming ``name`` if its tensors contradict ``config``."""
+
+    @classmethod
+    def rebuild(
+        cls, model: nn.Module, layout: TargetLayout, config: dict, tensors: dict
+    ) -> "LowRankAdapter":
+        """The adapter from ``config`` and ``{target: {role: tensor}}`` (already validated)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ factors
+    @torch.no_grad()
+    def delta_factors(self, c: float | int = 1.0) -> dict[str, tuple[FactorA, FactorB]]:
+        """The delta at coefficient ``c`` as factors, ``{target name: (A, B)}``, ``ΔW = B @ A``.
+
+        ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)`` with ``c`` and the scale folded in, both
+        float32, detached, on the target's device, in the logical ``(d_out, d_in)`` orientation
+        (also for GPT-2 ``Conv1D``, whose weight is stored transposed).
+        """
+        value = validate_coeff(c)
+        if not isinstance(value, float):
+            raise ValueError("delta_factors needs a scalar c (a merged weight has one delta)")
+        out = {}
+        for name, part in self.named_parts():
+            a, b, scale = part.checked_factors()
+            out[name] = (a.float().clone(), b.float() * (value * scale))
+        return out
+
+    # ------------------------------------------------------------------ coefficient
+    @property
+    def c(self) -> float | Tensor:
+        """The current coefficient (a float, or a ``(batch,)`` tensor)."""
+        return self.coefficient.value
+
+    def scalar_c(self, c: Coeff | None, what: str) -> float:
+        """``c`` as one float for a merge or an export; ``None`` means :attr:`deployed_c`.
+
+        Raises:
+            ValueError: ``c`` is None and no deployed c is stored, or ``c`` is per-sample.
+        """
+        if c is None:
+            if self.deployed_c is None:
+                raise ValueError("c=None uses the adapter's deployed_c, but it has none; pass c")
+            c = self.deployed_c
+        value = validate_coeff(c)
+        if not isinstance(value, float):
+            raise ValueError(f"{what} needs a scalar c: it holds one delta")
+        return value
+
+    def set_coeff(self, c: Coeff) -> None:
+        """Change ``c`` in place (no re-attach, no recompilation of a compiled model).
+
+        Args:
+            c: a finite number, or a finite ``(batch,)`` tensor of per-sample coefficients.
+        """
+        self.coefficient.set(c)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path, extra_meta: dict | None = None, c: float | int | None = None):
+        """Write the adapter to one ``.safetensors`` file (see :mod:`modlora.checkpoint`).
+
+        Args:
+            path: destination file (written atomically).
+            extra_meta: JSON-serialisable user metadata.
+            c: the calibrated / deployed coefficient to record.
+        """
+        return save_adapter(self, path, extra_meta=extra_meta, c=c)
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, path, **kwargs) -> "LowRankAdapter":
+        """Rebuild an adapter of this kind from a file written by :meth:`save` (in eval mode)."""
+        return load_adapter(model, path, expect=cls, **kwargs)
+
+    # ------------------------------------------------------------------ lifetime
+    @property
+    def model(self) -> nn.Module:
+        """The model the adapter was built on."""
+        return self._model
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def check_model(self, model: nn.Module) -> nn.Module:
+        """Raise unless ``model`` (or the model inside a compile / DDP wrapper) is the one this
+        adapter was built on; returns the plain model."""
+        plain = unwrap_model(model) if isinstance(model, nn.Module) else model
+        if plain is not self._model:
+            raise ValueError(
+                f"{type(self).__name__} was built on {describe_model(self._model)}, "
+                f"not on the {describe_model(model)} passed here"
+            )
+        return plain
+
+    def note_grad_forward(self) -> None:
+        """Called by the hooks on a grad-enabled forward (see :meth:`detach`)."""
+        self._grad_forward_seen = True
+
+    def _free_slot(self) -> str:
+        base = f"modlora_{self.kind}"
+        modules = [t.module for t in self.layout]
+        for n in range(1, 1000):
+            slot = base if n == 1 else f"{base}_{n}"
+            if not any(slot in m._modules or hasattr(m, slot) for m in modules):
+                return slot
+        raise AdapterStateError(f"no free attribute name for {base} on the target layers")
+
+    def _check_materialised(self) -> None:
+        for target in self.layout:
+            a = self._by_name[target.name].factors()[0]
+            if a.device.type == "meta" and target.device.type != "meta":
+                raise AdapterStateError(
+                    f"{type(self).__name__} holds no values (its tensors are on the meta device) "
+                    f"but {target.name!r} computes on {target.device}: call "
+                    "adapter.to_empty(device=...) then adapter.reset_parameters() (or "
+                    "load_state_dict) first"
+                )
+
+    def attach(self, model: nn.Module, c: Coeff = 1.0) -> "LowRankAdapter":
+        """Register the parts and hooks in the model (persistent form); ``detach()`` removes them.
+
+        Raises:
+            AdapterStateError: already attached, tensors never materialised, or one of
+                ``attach_guards`` refused.
+            ValueError: ``model`` is not the one the adapter was built on, or ``c`` is invalid.
+        """
+        self.check_model(model)
+        if self.attached:
+            raise AdapterStateError(
+                f"{type(self).__name__} is already attached to {describe_model(self._model)}; "
+                "detach() it (or leave its with-block) before attaching again"
+            )
+        value = validate_coeff(c)
+        for guard in self.attach_guards:
+            guard(self)
+        self._check_materialised()
+        _let_compiled_code_see_hooks()
+        self.coefficient.set(value)
+        for target in self.layout:
+            self.coefficient.on(target.device)  # every device's tensor now, not while tracing
+        slot = self._free_slot()
+        if self._hook is None or self._hook.slot != slot:
+            self._hook = DeltaHook(slot)  # one hook object: compiled graphs are reused
+        handles = []
+        try:
+            for name, part in self.named_parts():
+                module = self.layout[name].module
+                module.register_module(slot, part)
+                handles.append(module.register_forward_hook(self._hook))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            for target in self.layout:
+                if target.module._modules.get(slot) is self._by_name[target.name]:
+                    del target.module._modules[slot]
+            raise
+        self._slot, self._handles = slot, handles
+        self._grad_forward_seen = False
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks and the parts from the model.
+
+        Raises:
+            AdapterStateError: not attached.
+        """
+        if not self.attached:
+            raise AdapterStateError(f"{type(self).__name__} is not attached")
+        for handle in self._handles:
+            handle.remove()
+        for target in self.layout:
+            target.module._modules.pop(self._slot, None)
+        self._handles, self._slot = [], None
+        _let_compiled_code_see_hooks()
+        if self._grad_forward_seen and _is_checkpointing(self._model):
+            logger.warning(
+                "{} detached from a gradient-checkpointed model after a grad-enabled forward: "
+                "run backward inside the with-block, or the recomputed forward has no adapter",
+                type(self).__name__,
+            )
+
+    @contextmanager
+    def _attached(self, model: nn.Module, c: Coeff) -> Iterator["LowRankAdapter"]:
+        self.attach(model, c)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def __call__(self, model: nn.Module, c: Coeff = 1.0):
+        """``with adapter(model, c=1.5): ...`` — hooks on entry, removed on exit (also on errors).
+
+        The model and ``c`` are checked here, before the block is entered.
+        """
+        self.check_model(model)
+        if self.attached:
+            raise AdapterStateError(
+                f"{type(self).__name__} is already attached; a with-block cannot re-enter it"
+            )
+        validate_coeff(c)  # now, not on entry
+        return self._attached(model, c)
+
+    def forward(self, *args, **kwargs):
+        raise TypeError(
+            f"{type(self).__name__} is not called on inputs: attach it to its model "
+            "(`with adapter(model, c=...)` or adapter.attach(model, c)) and call the model"
+        )
+
+    # ------------------------------------------------------------------ copies
+    def __deepcopy__(self, memo: dict) -> "LowRankAdapter":
+        """A copy of the whole model copies its attached adapter with it (hooks and all); a copy
+        of the adapter alone is a detached adapter on the same base model."""
+        model = self._model
+        with_model = id(model) in memo
+        if not with_model:
+            for module in model.modules():
+                if not isinstance(module, TargetPart):
+                    memo.setdefault(id(module), module)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if not with_model and key == "_handles":
+                new.__dict__[key] = []
+            elif not with_model and key == "_slot":
+                new.__dict__[key] = None
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+
+def find_adapters(model: nn.Module) -> list[LowRankAdapter]:
+    """The adapters attached to ``model`` (e.g. the copies inside a ``deepcopy`` of it)."""
+    seen: dict[int, LowRankAdapter] = {}
+    for module in unwrap_model(model).modules():
+        if isinstance(module, TargetPart):
+            adapter = module.adapter
+            if adapter.attached:
+                seen.setdefault(id(adapter), adapter)
+    return list(seen.values())

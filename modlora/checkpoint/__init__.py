@@ -1,0 +1,39 @@
+"""One ``.safetensors`` file per adapter: format v1, strict loading, and the seed's legacy format.
+
+=================  ======================================================================
+module             what
+=================  ======================================================================
+``io``             base-weight fingerprints, the one atomic writer, safe reads
+``spec``           format v1 both ways: metadata written, :class:`~.spec.Spec` parsed
+``legacy``         the seed's format, parsed into the same :class:`~.spec.Spec`
+``validate``       checks before anything is built: tensors, model fit, base weights
+``load``           :func:`load_adapter`: validate, then the kind's ``rebuild``
+``save``           :func:`save_adapter`
+``factors``        :func:`read_factors`: file → factors at ``c``, no model
+=================  ======================================================================
+
+Every reader (load, offline merge, resume) goes through ``load.read_spec`` and
+``validate.check_tensors``; every kind-specific step goes through the kind registry.
+"""
+
+from .factors import AdapterFactors, read_factors
+from .io import CheckpointError, atomic_write, weight_fingerprint, write_folder
+from .load import load_adapter, read_spec
+from .save import save_adapter
+from .spec import FORMAT_VERSION, read_metadata
+from .validate import BaseCheck
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AdapterFactors",
+    "BaseCheck",
+    "CheckpointError",
+    "atomic_write",
+    "load_adapter",
+    "read_factors",
+    "read_metadata",
+    "read_spec",
+    "save_adapter",
+    "weight_fingerprint",
+    "write_folder",
+]

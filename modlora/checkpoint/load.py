@@ -1,0 +1,164 @@
+"""Load an adapter from one checkpoint file: validate everything, then rebuild through its kind.
+
+Loading validates everything before it builds anything, so a failed load leaves the model as it
+was (no hooks, same weights, same ``requires_grad`` flags): the file (truncated, not
+safetensors, metadata keys missing or malformed, unknown kind, newer format), the tensors
+(complete roles, finite, dtype, rank from shapes vs metadata), the model (missing / unexpected /
+mismatched targets), the base (the kind's ``base_check`` policy: PiSSA raises on another base,
+LoRA and history warn; ``check_base=`` overrides), and double application. Then the registered
+kind's ``rebuild`` makes the adapter.
+
+Double application. PiSSA here is non-destructive (``W`` is never modified), so loading the same
+round twice, or rounds in any order, is harmless in itself. What is wrong is applying one
+checkpoint's delta twice: loading a file while an adapter loaded from the same tensors is
+attached to the same model raises, and attaching one copy while another is attached raises
+too (through the adapter's ``attach_guards``).
+"""
+
+import os
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layout import find_targets, layout_of, unwrap_model
+from ..part import AdapterStateError
+from . import validate
+from .io import CheckpointError, read_file
+from .legacy import is_legacy, parse_legacy
+from .spec import Spec, parse_v1
+from .validate import check_model, check_tensors
+
+_LOADED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, Path, weakref.ref]]]"
+_LOADED = weakref.WeakKeyDictionary()
+
+
+def read_spec(path: str | os.PathLike, names=None) -> Spec:
+    """Read and parse a checkpoint (v1 or legacy) into a :class:`Spec`; tensors not yet checked.
+
+    Args:
+        path: the file.
+        names: the model's module names, for legacy files (``None``: no model).
+    """
+    file = read_file(path)
+    if "format_version" in file.metadata:
+        spec = parse_v1(file)
+    elif is_legacy(file):
+        spec = parse_legacy(file, names)
+    else:
+        raise CheckpointError(
+            f"{file.path}: not a modlora checkpoint (no 'format_version' metadata and no legacy "
+            f"tensor keys; keys {sorted(file.tensors)[:5]})"
+        )
+    return spec
+
+
+def _attached_twin(model: nn.Module, identity: str, me=None):
+    for ident, path, ref in _LOADED.get(model, []):
+        other = ref()
+        if ident == identity and other is not None and other is not me and other.attached:
+            return path, other
+    return None
+
+
+def _register(model: nn.Module, identity: str, path: Path, adapter) -> None:
+    entries = [e for e in _LOADED.get(model, []) if e[2]() is not None]
+    entries.append((identity, path, weakref.ref(adapter)))
+    _LOADED[model] = entries
+    model_ref = weakref.ref(model)
+
+    def guard(adapter) -> None:
+        model = model_ref()
+        twin = _attached_twin(model, identity, adapter) if model is not None else None
+        if twin is not None:
+            raise AdapterStateError(
+                f"{type(adapter).__name__} from {path} cannot attach: a copy loaded from the same "
+                f"checkpoint ({twin[0]}) is already attached to this model, so its delta would "
+                "apply twice; detach that one first"
+            )
+
+    adapter.attach_guards.append(guard)
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    check_base: str | None = None,
+    attach: bool | None = None,
+    gate: Callable[[], bool] | None = None,
+    expect: type | None = None,
+):
+    """Rebuild an adapter from one checkpoint file alone (v1 or legacy), in eval mode.
+
+    Args:
+        model: the model to rebuild the adapter on (the base it was trained on).
+        path: a file written by :func:`save_adapter` (or by the seed code).
+        check_base: what a base-weight fingerprint mismatch does: ``"raise"``, ``"warn"`` or
+            ``"ignore"``. Default: the kind's own policy (raise for PiSSA, whose factors are the
+            base's own SVD; warn for LoRA and history).
+        attach: attach on load — only kinds that attach on construction (a history) do so by
+            default; ``False`` is accepted for every kind.
+        gate: history only — the gate callable (see :class:`~modlora.HistoryBake`).
+        expect: a class the stored kind must be (checked before anything is built).
+
+    Returns:
+        The adapter, with ``deployed_c`` and ``extra_meta`` set from the file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: (a ``ValueError``) the file is truncated or not safetensors, metadata
+            is missing or malformed, the kind is unknown, the format is newer, tensors are
+            non-finite or contradict the metadata's ranks, the model's targets differ, the base
+            differs (PiSSA), or a copy of this checkpoint is already attached to the model.
+            The model is unchanged.
+        TypeError: the stored kind is not ``expect``.
+    """
+    if check_base not in (None, "raise", "warn", "ignore"):
+        raise ValueError(f"check_base must be 'raise', 'warn' or 'ignore', got {check_base!r}")
+    model = unwrap_model(model)
+    spec = read_spec(path, [n for n, _ in model.named_modules()])
+    cls = spec.cls
+    if expect is not None and not issubclass(cls, expect):
+        raise TypeError(f"{spec.path} holds a {cls.__name__}, not a {expect.__name__}")
+    if not cls.attach_on_load and (attach or gate is not None):
+        raise ValueError(
+            f"attach/gate apply to history checkpoints only; {spec.path} holds a {cls.__name__} "
+            "(use `with adapter(model, c=...)` or adapter.attach(model, c))"
+        )
+    check_tensors(spec)
+    check_model(spec, model)
+    validate.check_base(spec, model, check_base or cls.base_check)
+    twin = _attached_twin(model, spec.identity)
+    if twin is not None:
+        raise CheckpointError(
+            f"{spec.path}: a {type(twin[1]).__name__} loaded from the same checkpoint "
+            f"({twin[0]}) is attached to this model; loading it again would let its delta apply "
+            "twice — reuse that object, or detach it before loading"
+        )
+    if cls.selects_targets:
+        layout = find_targets(model, spec.targets, spec.exclude, spec.layer_range)
+    else:
+        layout = layout_of(model, list(spec.tensors))
+    tensors = {n: spec.tensors[n] for n in layout.names}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    adapter = None
+    try:
+        adapter = cls.rebuild(model, layout, spec.config, tensors)
+        adapter.deployed_c, adapter.extra_meta = spec.c, spec.extra_meta
+        adapter.eval()
+        if gate is not None:
+            adapter.gate = gate
+        _register(model, spec.identity, spec.path, adapter)
+        if cls.attach_on_load and attach is not False:
+            adapter.attach(model, 1.0)
+    except BaseException:
+        if adapter is not None and adapter.attached:
+            adapter.detach()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags.get(name, p.requires_grad))
+        raise
+    return adapter

@@ -1,0 +1,59 @@
+"""Write an adapter to one ``.safetensors`` file (format v1, :mod:`modlora.checkpoint.spec`)."""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from ..coefficient import validate_coeff
+from ..kinds import KINDS
+from .io import atomic_write, check_destination
+from .spec import file_tensors, metadata_of
+
+
+def save_adapter(
+    adapter,
+    path: str | os.PathLike,
+    extra_meta: Mapping | None = None,
+    c: float | int | None = None,
+) -> Path:
+    """Write ``adapter`` to one ``.safetensors`` file, atomically (format v1).
+
+    Args:
+        adapter: an adapter of a registered kind (LoRA, PiSSA, history...).
+        path: the destination file.
+        extra_meta: JSON-serialisable user metadata (unicode kept); default: the adapter's own
+            ``extra_meta`` (so a loaded adapter re-saves with its metadata).
+        c: the calibrated / deployed coefficient; default: ``adapter.deployed_c``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: an unregistered adapter kind, or ``extra_meta`` that is not a JSON object.
+        ValueError: a non-finite ``c`` or non-finite adapter tensors (nothing is written).
+    """
+    check_destination(path)
+    kind = getattr(adapter, "kind", None)
+    if KINDS.get(kind) is not type(adapter):
+        raise TypeError(f"cannot save a {type(adapter).__name__}: kinds are {sorted(KINDS)}")
+    extra_meta = adapter.extra_meta if extra_meta is None else extra_meta
+    if not isinstance(extra_meta, Mapping):
+        raise TypeError(f"extra_meta must be a dict, got {type(extra_meta).__name__}")
+    c = adapter.deployed_c if c is None else c
+    if c is not None:
+        c = validate_coeff(c)
+        if not isinstance(c, float):
+            raise ValueError("the deployed c stored in a checkpoint must be a scalar")
+    tensors = file_tensors(adapter)
+    bad = sorted(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"refusing to save non-finite adapter tensors: {bad}")
+    metadata = metadata_of(adapter, dict(extra_meta), c)
+
+    def write(tmp: Path) -> None:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+
+    return atomic_write(path, write)

@@ -1,0 +1,100 @@
+"""Argument checks shared by the adapters' constructors and the checkpoint metadata parser.
+
+Each returns the value in its canonical Python type and raises ``TypeError`` / ``ValueError``
+naming the argument. What a user naturally passes means the same as its Python equivalent: a
+NumPy scalar or a 0-d tensor is a number, a ``torch.dtype`` or its name is a dtype.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+
+import torch
+
+
+def invalid(kind: type[Exception], name: str, message: str) -> Exception:
+    """An exception whose ``argument`` attribute names the argument (a metadata key)."""
+    err = kind(message)
+    err.argument = name.split("[", 1)[0]
+    return err
+
+
+def _scalar(value):
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        return value.item()
+    return value
+
+
+def number(value, name: str) -> float:
+    """A finite real number (not a bool)."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise invalid(TypeError, name, f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise invalid(ValueError, name, f"{name} must be finite, got {value!r}")
+    return value
+
+
+def positive_number(value, name: str) -> float:
+    """A finite number > 0."""
+    value = number(value, name)
+    if value <= 0:
+        raise invalid(ValueError, name, f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def positive_int(value, name: str) -> int:
+    """An int > 0 (not a bool, not a float)."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise invalid(ValueError, name, f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def probability(value, name: str) -> float:
+    """A number in ``[0, 1)``."""
+    value = number(value, name)
+    if not 0.0 <= value < 1.0:
+        raise invalid(ValueError, name, f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def one_of(value, choices: Sequence, name: str):
+    """One of ``choices``."""
+    if not isinstance(value, str | int | float | type(None)) or value not in choices:
+        raise invalid(ValueError, name, f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def float_dtype(value, name: str) -> torch.dtype:
+    """A floating ``torch.dtype`` (or its name, ``"float32"``)."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise invalid(ValueError, name, f"{name} must be a floating torch dtype, got {value!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` → ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def strings(value, name: str) -> tuple[str, ...]:
+    """A string or a sequence of strings, as a tuple."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise invalid(
+            TypeError, name, f"{name} must be a string or a sequence of strings, got {value!r}"
+        )
+    return tuple(value)
+
+
+def per_target(value, name: str, check) -> dict:
+    """A ``{target name: value}`` mapping whose values pass ``check(value, label)``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise invalid(TypeError, name, f"{name} must map target names to values, got {value!r}")
+    return {k: check(v, f"{name}[{k!r}]") for k, v in value.items()}
