@@ -345,9 +345,9 @@ def peft_twin(base_copy: nn.Module, lora) -> nn.Module:
     model = get_peft_model(base_copy, config)
     modules = dict(model.base_model.model.named_modules())
     with torch.no_grad():
-        for target in lora.layout:
-            a, b, _ = lora.hook_factors(target)
-            layer = modules[target.name]
+        for name, part in lora.named_parts():
+            a, b, _ = part.factors()
+            layer = modules[name]
             layer.lora_A["default"].weight.copy_(a)
             layer.lora_B["default"].weight.copy_(b)
     return model.eval()

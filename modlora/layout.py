@@ -294,26 +294,32 @@ def layout_of(model: nn.Module, names: Sequence[str]) -> TargetLayout:
     )
 
 
-def fit_problems(model: nn.Module, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
-    """Why factors of logical shapes ``{target: (d_in, d_out)}`` do not fit ``model`` (empty: fit).
+def fit_problems(
+    model: nn.Module, shapes: Mapping[str, tuple[int, int]], source: str = "factors"
+) -> tuple[list[str], list[str]]:
+    """Why factors of logical shapes ``{target: (d_in, d_out)}`` do not fit ``model``.
 
     The one "these factors fit this model" check: every name must be a linear layer of the
-    model with exactly those widths. Each problem names the target and both shapes.
+    model with exactly those widths. ``source`` says where the shapes come from in messages.
+
+    Returns:
+        ``(absent, mismatched)``: names with no such linear layer, and ``"name: factors (...)
+        vs layer (...)"`` for width mismatches. Both empty: the factors fit.
     """
     modules = dict(unwrap_model(model).named_modules())
-    problems = []
+    absent, mismatched = [], []
     for name, (d_in, d_out) in shapes.items():
         module = modules.get(name)
         if module is None or not is_target_type(module):
-            problems.append(f"{name}: no such linear layer in {type(model).__name__}")
+            absent.append(name)
             continue
         t = make_target(name, module, None)
         if (t.d_in, t.d_out) != (int(d_in), int(d_out)):
-            problems.append(
-                f"{name}: factors (d_in={d_in}, d_out={d_out}) vs layer "
+            mismatched.append(
+                f"{name}: {source} (d_in={d_in}, d_out={d_out}) vs model "
                 f"(d_in={t.d_in}, d_out={t.d_out})"
             )
-    return problems
+    return absent, mismatched
 
 
 def factor_problems(
@@ -336,4 +342,6 @@ def factor_problems(
         if down.device.type == "meta" or up.device.type == "meta":
             problems.append(f"{name}: factors are on the meta device (they hold no values)")
         shapes[name] = (down.shape[-1], up.shape[-2])
-    return problems + fit_problems(model, shapes)
+    absent, mismatched = fit_problems(model, shapes)
+    absent = [f"{name}: no such linear layer in {type(model).__name__}" for name in absent]
+    return problems + absent + mismatched

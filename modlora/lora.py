@@ -43,7 +43,7 @@ class LoRAPart(TargetPart):
         self.lora_B.zero_()
         if init == "signed":
             self.lora_B.normal_(0.0, SIGNED_INIT_STD)
-        self.pending_init = False
+        self.pending_init = self.lora_A.device.type == "meta"  # no values to give on meta
 
 
 @register_kind

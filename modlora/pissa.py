@@ -136,6 +136,13 @@ class ModulatedPiSSA(LowRankAdapter):
             self.add_part(PiSSAPart(t.name, u, s, vh, self.delta_s_init))
         model.requires_grad_(False)
 
+    @classmethod
+    def from_factors(
+        cls, model: nn.Module, factors: Mapping[str, tuple[Tensor, Tensor, Tensor]], **kwargs
+    ) -> "ModulatedPiSSA":
+        """``ModulatedPiSSA(model, factors=factors, **kwargs)``: from stored singular factors."""
+        return cls(model, factors=factors, **kwargs)
+
     @staticmethod
     def _checked(r, selection_score, delta_s_init, dtype) -> dict:
         return {

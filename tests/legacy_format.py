@@ -79,14 +79,12 @@ def save_legacy_pissa(
 
 def lora_factors(lora) -> dict[str, tuple[Tensor, Tensor]]:
     """The raw ``(A, B)`` of a :class:`~modlora.ModulatedLoRA` (what the seed stored)."""
-    sd = lora.state_dict()
-    return {n: (sd[f"{n}.lora_A"], sd[f"{n}.lora_B"]) for n in lora.layout.names}
+    return {n: (t["lora_A"], t["lora_B"]) for n, t in lora.target_tensors().items()}
 
 
 def pissa_factors(pissa) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """``(U, S, Vh, delta_s)`` of a :class:`~modlora.ModulatedPiSSA` (what the seed stored)."""
-    sd = pissa.state_dict()
     return {
-        n: tuple(sd[f"{n}.{role}"] for role in ("U", "S", "Vh", "delta_s"))
-        for n in pissa.layout.names
+        n: tuple(t[role].detach() for role in ("U", "S", "Vh", "delta_s"))
+        for n, t in pissa.target_tensors().items()
     }

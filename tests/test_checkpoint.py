@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 import modlora as ml
 from modlora import checkpoint as ckpt
+from modlora.checkpoint import io as ckpt_io
 from modlora.checkpoint import CheckpointError, load_adapter, read_metadata, weight_fingerprint
 from tests import tiny
 from tests.legacy_format import (
@@ -408,10 +409,10 @@ def test_bad_options(llama, lora_file):
 
 
 def test_failure_while_building_restores_the_model(llama, lora_file, monkeypatch):
-    def boom(self, state):
+    def boom(self, tensors):
         raise RuntimeError("disk fell over")
 
-    monkeypatch.setattr(ml.ModulatedLoRA, "load_state_dict", boom)
+    monkeypatch.setattr(ml.ModulatedLoRA, "load_target_tensors", boom)
     _expect_failure(llama, lora_file, "disk fell over", RuntimeError)
 
 
@@ -447,7 +448,7 @@ def test_fingerprint_is_sensitive():
     big = torch.randn(2**22 + 7)  # sampled path
     fp_big = weight_fingerprint(big)
     big[12345] += 1e-3  # off the sampling stride: only the sums see it
-    assert 12345 % ((2**22 + 7) // ckpt.SAMPLE_SIZE) != 0
+    assert 12345 % ((2**22 + 7) // ckpt_io.SAMPLE_SIZE) != 0
     assert weight_fingerprint(big) != fp_big
 
 
@@ -560,7 +561,7 @@ def test_legacy_bad_files(llama, tmp_path):
     _expect_failure(
         llama,
         rewrite(path, tmp_path / "r.safetensors", meta={"r": "3"}),
-        r"q_proj': A \(2, 32\), B \(32, 2\): shapes give r=2 but the metadata says r=3",
+        r"q_proj': lora_A \(2, 32\), lora_B \(32, 2\): shapes give r=2 but the metadata says r=3",
     )
     bad_band = rewrite(path, tmp_path / "b.safetensors", meta={"layer_range": "1;2"})
     _expect_failure(llama, bad_band, "metadata 'layer_range' is malformed")

@@ -187,12 +187,3 @@ def test_history_built_under_inference_mode_works(llama):
         got = llama(x).logits
     hist.remove()
     torch.testing.assert_close(got, _logits(_edited(llama, [(lora, 1.0)]), x))
-
-
-def test_detach_frees_the_fold_cache(llama):
-    lora = _signed(llama)
-    with lora(llama, c=2.0):
-        _logits(llama, tiny.tokens())
-        assert any(f.value is not None for f in lora._folds)
-        folds = list(lora._folds)
-    assert all(f.value is None for f in folds) and lora._folds == []

@@ -156,7 +156,7 @@ def test_non_finite_result_raises_and_restores():
     model = tiny.llama().half()
     lora = _lora(model, layer_range=(2, 4))
     with torch.no_grad():
-        lora._b[lora.layout.names[-1]].fill_(1e6)  # the last target overflows fp16
+        lora.part(lora.layout.names[-1]).lora_B.fill_(1e6)  # the last target overflows fp16
     before = _weights(model)
     with pytest.raises(ml.MergeError, match=r"not finite in torch.float16.*model unchanged"):
         ml.merge(model, lora, 1.0)
@@ -209,6 +209,7 @@ def test_attached_adapter_is_refused(llama):
     hist = ml.HistoryBake(llama, [(lora, 1.0)])  # attaches on construction
     with pytest.raises(ml.AdapterStateError, match=r"remove\(\)"):
         ml.merge(llama, hist)
+    hist.remove()  # while attached, the model's state_dict holds the history's tensors too
     assert _same_weights(llama, before)
 
 
@@ -324,7 +325,7 @@ def test_replaced_layer_is_refused(llama):
 def test_non_finite_factors_are_refused(llama):
     lora = _lora(llama)
     with torch.no_grad():
-        lora._a[lora.layout.names[4]][0, 0] = float("nan")
+        lora.part(lora.layout.names[4]).lora_A[0, 0] = float("nan")
     before = _weights(llama)
     with pytest.raises(ml.MergeError, match="non-finite"):
         ml.merge(llama, lora)

@@ -75,7 +75,7 @@ def test_hooked_forward_equals_u_diag_vh_formula():
     x = torch.randn(3, 7)
     name = "0"
     u, _, vh = pissa.singular_factors(name)
-    ds = dict(pissa.named_parameters())[f"{name}.delta_s"]
+    ds = pissa.part(name).delta_s
     with torch.no_grad():
         expected = model(x) + x @ (u @ torch.diag(-1.25 * ds) @ vh).T
         with pissa(model, c=-1.25):

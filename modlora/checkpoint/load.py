@@ -52,6 +52,10 @@ def read_spec(path: str | os.PathLike, names=None) -> Spec:
             f"{file.path}: not a modlora checkpoint (no 'format_version' metadata and no legacy "
             f"tensor keys; keys {sorted(file.tensors)[:5]})"
         )
+    if names is not None:  # model order first (errors name the first target), then the rest
+        order = [n for n in names if n in spec.tensors]
+        order += sorted(set(spec.tensors) - set(order))
+        spec.tensors = {n: spec.tensors[n] for n in order}
     return spec
 
 

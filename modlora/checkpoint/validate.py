@@ -89,25 +89,26 @@ def layer_shapes(spec: Spec) -> dict[str, tuple[int, int]]:
 
 def check_model(spec: Spec, model: nn.Module) -> None:
     """Raise listing missing / unexpected / mismatched targets."""
-    problems = fit_problems(model, layer_shapes(spec))
-    missing, unexpected, note = [], [], ""
-    if spec.cls.selects_targets and not problems:
+    absent, mismatched = fit_problems(model, layer_shapes(spec), "file")
+    unexpected = [f"{n} (no such linear layer)" for n in absent]
+    missing, note = [], ""
+    if spec.cls.selects_targets and not absent and not mismatched:
         try:
             selected = find_targets(model, spec.targets, spec.exclude, spec.layer_range).names
         except (ValueError, TypeError) as err:
             selected, note = None, f"; the stored selection fails on this model: {err}"
         if selected is not None:
             missing = [n for n in selected if n not in spec.tensors]
-            unexpected = [
+            unexpected += [
                 f"{n} (not selected by the stored targets/exclude/layer_range)"
                 for n in spec.tensors
                 if n not in selected
             ]
-    if problems or missing or unexpected or note:
+    if unexpected or mismatched or missing or note:
         raise CheckpointError(
             f"checkpoint {spec.path} does not fit this model ({type(model).__name__}): "
             f"missing targets {missing}, unexpected targets {unexpected}, "
-            f"mismatched targets {problems}{note}"
+            f"mismatched targets {mismatched}{note}"
         )
 
 
