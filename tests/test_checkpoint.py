@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 import modlora as ml
 from modlora import checkpoint as ckpt
-from modlora.checkpoint import io as ckpt_io
 from modlora.checkpoint import CheckpointError, load_adapter, read_metadata, weight_fingerprint
+from modlora.checkpoint import io as ckpt_io
 from tests import tiny
 from tests.legacy_format import (
     flat,
