@@ -6,16 +6,18 @@ parts join the model's module tree while attached.
 """
 
 from ._version import __version__
-from .adapter import LowRankAdapter, find_adapters
+from .adapter import LowRankAdapter
 from .blocks import DEFAULT_EXCLUDE, find_block_list
 from .calibration import Calibration, collect_calibration
 from .checkpoint import CheckpointError, load_adapter, read_metadata, save_adapter
 from .coefficient import validate_coeff
 from .history import HistoryBake, PiSSAHistoryBake
+from .install import find_adapters
 from .kinds import KINDS, register_kind
 from .layout import Target, TargetLayout, find_targets
 from .lora import ModulatedLoRA
-from .merge import MergeError, MergeReport, merge, unmerge
+from .merge import merge, unmerge
+from .merge_check import MergeError, MergeReport
 from .merge_checkpoint import merge_checkpoint
 from .part import AdapterStateError, TargetPart
 from .peft import export_peft, import_peft

@@ -1,4 +1,4 @@
-"""``LowRankAdapter``: the ``nn.Module`` every adapter kind is, its kind protocol and its lifetime.
+"""``LowRankAdapter``: the ``nn.Module`` every adapter kind is, and its lifetime.
 
 An adapter owns one :class:`~modlora.part.TargetPart` per target layer, in a tree under
 ``adapter.parts`` that mirrors the model's module names, so ``adapter.state_dict()`` keys read
@@ -11,30 +11,16 @@ the model train them. ``detach`` removes both; the model's ``state_dict`` keys a
 the base keys again. (Saving the model's ``state_dict`` while attached therefore includes the
 adapter's tensors under ``<layer>.<slot>.<role>``: detach first to save the plain base.)
 
-Kind protocol — a kind is a subclass, registered with ``@register_kind`` in its own file:
+The kind protocol every subclass implements is :class:`~modlora.kinds.AdapterKind`.
 
-* ``kind`` (the string stored in checkpoints) and ``roles`` (its tensors per target, e.g.
-  ``("lora_A", "lora_B")``), with ``factor_roles = (down, up)``, the two roles whose shapes give
-  the rank (``down: (r, d_in)``, ``up: (d_out, r)``);
-* ``config()``: its own metadata (JSON values) and ``parse_config(meta)``, the checked inverse;
-* ``target_factors(config, name, tensors)``: the pure function (config, tensors) → ``(A, B,
-  scale)`` — its parts call the same function, so hooks, merge, offline merge, PEFT export and
-  checkpoints share one formula; ``c`` is applied by the caller (``ΔW(c) = c · scale · B @ A``);
-* ``check_target(config, name, tensors, rank)``: what its tensors must satisfy beyond shapes;
-* ``rebuild(model, layout, config, tensors)``: the adapter from stored tensors (no SVD, no init).
-
-``torch.compile``: a compiled model must see hooks come and go. modlora turns on dynamo's guards
-on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards = False``) whenever dynamo is
-loaded at an attach or detach; if they were off, the code compiled so far is reset once
-(``torch.compiler.reset()``, logged) so it recompiles with the adapter. Each adapter keeps one
-hook object, so a ``with`` block toggles between two cached graphs, not a new compile each time.
+``torch.compile``: compiled models see adapters attach and detach (dynamo's hook guards are
+turned on, see :func:`~modlora.hooks.let_compiled_code_see_hooks`); each adapter keeps one hook
+object, so a ``with`` block toggles between two cached graphs.
 """
 
 import copy
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
 
 import torch
 from loguru import logger
@@ -43,9 +29,11 @@ from torch import Tensor, nn
 from ._types import Coeff, FactorA, FactorB
 from .checkpoint import load_adapter, save_adapter
 from .coefficient import Coefficient, validate_coeff
-from .hooks import DeltaHook
+from .hooks import DeltaHook, let_compiled_code_see_hooks
+from .install import check_materialised, free_slot, install, uninstall
+from .kinds import AdapterKind
 from .layout import TargetLayout, unwrap_model
-from .part import AdapterStateError, TargetPart
+from .part import AdapterStateError, Parts, TargetPart
 
 PARTS = "parts"
 """The adapter's child module holding the per-target parts (``state_dict`` key prefix)."""
@@ -63,37 +51,11 @@ def _is_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _let_compiled_code_see_hooks() -> None:
-    """Make dynamo guard on module hooks, resetting code compiled without those guards (once)."""
-    config = sys.modules.get("torch._dynamo.config")
-    if config is None or not config.skip_nnmodule_hook_guards:
-        return  # dynamo never loaded (nothing compiled), or the guards are already on
-    config.skip_nnmodule_hook_guards = False
-    torch.compiler.reset()
-    logger.info(
-        "modlora: turned on torch.compile's guards on module hooks and reset compiled code, so "
-        "compiled models see adapters attach and detach (they recompile once)"
-    )
-
-
-def _check_incoming_state(module, state_dict, prefix, local_metadata, strict, *_) -> None:
-    """Before torch's own ``load_state_dict`` copies anything: every tensor of the adapter that
-    is given must have the right shape and finite values (so a bad state leaves it as it was)."""
-    for key, current in module.state_dict(prefix=prefix, keep_vars=True).items():
-        value = state_dict.get(key)
-        if value is None:
-            continue  # torch reports missing keys itself (strict=True)
-        if tuple(value.shape) != tuple(current.shape):
-            raise ValueError(
-                f"{key}: shape {tuple(value.shape)} does not match the adapter's "
-                f"{tuple(current.shape)}; nothing was loaded"
-            )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{key}: holds non-finite values; nothing was loaded")
-
-
-class LowRankAdapter(nn.Module):
+class LowRankAdapter(AdapterKind, nn.Module):
     """Base class: an adapter whose delta on each target is ``c · scale · B @ A``.
+
+    A kind subclasses it, implements :class:`~modlora.kinds.AdapterKind`, and registers with
+    ``@register_kind``.
 
     Attributes:
         layout: the :class:`~modlora.layout.TargetLayout` the adapter was built on.
@@ -107,23 +69,13 @@ class LowRankAdapter(nn.Module):
             refuse (a copy of this delta is already in the model).
     """
 
-    kind: ClassVar[str] = "lowrank"
-    roles: ClassVar[tuple[str, ...]] = ()
-    factor_roles: ClassVar[tuple[str, str]] = ("A", "B")
-    config_keys: ClassVar[tuple[str, ...]] = ()
-    optional_keys: ClassVar[tuple[str, ...]] = ()
-    selects_targets: ClassVar[bool] = True
-    base_check: ClassVar[str] = "warn"  # a load onto another base: "raise" | "warn"
-    attach_on_load: ClassVar[bool] = False
-
     def __init__(self, model: nn.Module, layout: TargetLayout) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"an adapter needs an nn.Module, got {type(model).__name__}")
         super().__init__()
         self.__dict__["_model"] = unwrap_model(model)  # not a submodule
         self.layout = layout
-        self.parts = nn.Module()
-        self._by_name: dict[str, TargetPart] = {}
+        self.parts = Parts()
         self.coefficient = Coefficient(1.0)
         self.enabled = True
         self.gate = None
@@ -134,64 +86,31 @@ class LowRankAdapter(nn.Module):
         self._hook: DeltaHook | None = None
         self._handles: list = []
         self._grad_forward_seen = False
-        self.register_load_state_dict_pre_hook(_check_incoming_state)
         self.eval()
 
     # ------------------------------------------------------------------ parts
     def add_part(self, part: TargetPart) -> None:
         """Put ``part`` in the ``parts`` tree under its target's name."""
-        node = self.parts
-        *path, leaf = part.name.split(".")
-        for step in path:
-            child = node._modules.get(step)
-            if child is None:
-                child = node._modules[step] = nn.Module()
-            node = child
-        node._modules[leaf] = part
+        self.parts.add(part)
         part.bind(self)
         part.train(self.training)
-        self._by_name[part.name] = part
 
     def part(self, name: str) -> TargetPart:
         """The part of target ``name``."""
-        return self._by_name[name]
+        return self.parts[name]
 
     def named_parts(self) -> Iterator[tuple[str, TargetPart]]:
         """``(target name, part)`` in model order."""
-        for target in self.layout:
-            yield target.name, self._by_name[target.name]
+        yield from self.parts.items()
 
     def target_tensors(self) -> dict[str, dict[str, Tensor]]:
         """``{target: {role: tensor}}`` (the live tensors, not copies)."""
-        return {name: part.tensors() for name, part in self.named_parts()}
+        return self.parts.tensors()
 
-    @torch.no_grad()
     def load_target_tensors(self, tensors) -> None:
-        """Copy ``{target: {role: tensor}}`` into the parts, in place (all targets, all roles).
-
-        Raises:
-            KeyError: a target or role missing or unexpected; ValueError: a shape mismatch or
-                non-finite values. Checked before anything is copied.
-        """
-        current = self.target_tensors()
-        wrong = sorted(set(current) ^ set(tensors))
-        if wrong:
-            raise KeyError(f"targets do not match the adapter's: {wrong[:8]}")
-        for name, parts in current.items():
-            if set(parts) != set(tensors[name]):
-                raise KeyError(f"{name}: roles {sorted(tensors[name])}, expected {sorted(parts)}")
-            for role, t in parts.items():
-                value = tensors[name][role]
-                if tuple(value.shape) != tuple(t.shape):
-                    raise ValueError(
-                        f"{name}.{role}: shape {tuple(value.shape)} does not match {tuple(t.shape)}"
-                    )
-                if not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"{name}.{role}: holds non-finite values")
-        for name, part in self.named_parts():
-            for role, t in part.tensors().items():
-                t.copy_(tensors[name][role])
-            part.pending_init = False
+        """Copy ``{target: {role: tensor}}`` in place, every tensor checked first (see
+        :meth:`~modlora.part.Parts.load`)."""
+        self.parts.load(tensors)
 
     def ranks(self) -> dict[str, int]:
         """``{target name: rank}``."""
@@ -200,34 +119,6 @@ class LowRankAdapter(nn.Module):
     def reset_parameters(self) -> None:
         """Give every part its initial values (after ``to_empty`` on a meta-built adapter)."""
         raise NotImplementedError(f"{type(self).__name__} has nothing to initialise")
-
-    # ------------------------------------------------------------------ kind protocol
-    def config(self) -> dict[str, Any]:
-        """The kind's own metadata (JSON values), as stored in a checkpoint."""
-        raise NotImplementedError
-
-    @classmethod
-    def parse_config(cls, meta: dict[str, Any]) -> dict[str, Any]:
-        """Check decoded metadata and return the kind's config; ``ValueError`` names the key."""
-        raise NotImplementedError
-
-    @classmethod
-    def target_factors(
-        cls, config: dict, name: str, tensors: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor, float]:
-        """The pure factor function: ``(A, B, scale)`` of target ``name`` from its tensors."""
-        raise NotImplementedError
-
-    @classmethod
-    def check_target(cls, config: dict, name: str, tensors: dict[str, Tensor], rank: int) -> None:
-        """Raise ``ValueError`` naming ``name`` if its tensors contradict ``config``."""
-
-    @classmethod
-    def rebuild(
-        cls, model: nn.Module, layout: TargetLayout, config: dict, tensors: dict
-    ) -> "LowRankAdapter":
-        """The adapter from ``config`` and ``{target: {role: tensor}}`` (already validated)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ factors
     @torch.no_grad()
@@ -317,26 +208,6 @@ class LowRankAdapter(nn.Module):
         """Called by the hooks on a grad-enabled forward (see :meth:`detach`)."""
         self._grad_forward_seen = True
 
-    def _free_slot(self) -> str:
-        base = f"modlora_{self.kind}"
-        modules = [t.module for t in self.layout]
-        for n in range(1, 1000):
-            slot = base if n == 1 else f"{base}_{n}"
-            if not any(slot in m._modules or hasattr(m, slot) for m in modules):
-                return slot
-        raise AdapterStateError(f"no free attribute name for {base} on the target layers")
-
-    def _check_materialised(self) -> None:
-        for target in self.layout:
-            a = self._by_name[target.name].factors()[0]
-            if a.device.type == "meta" and target.device.type != "meta":
-                raise AdapterStateError(
-                    f"{type(self).__name__} holds no values (its tensors are on the meta device) "
-                    f"but {target.name!r} computes on {target.device}: call "
-                    "adapter.to_empty(device=...) then adapter.reset_parameters() (or "
-                    "load_state_dict) first"
-                )
-
     def attach(self, model: nn.Module, c: Coeff = 1.0) -> "LowRankAdapter":
         """Register the parts and hooks in the model (persistent form); ``detach()`` removes them.
 
@@ -354,28 +225,16 @@ class LowRankAdapter(nn.Module):
         value = validate_coeff(c)
         for guard in self.attach_guards:
             guard(self)
-        self._check_materialised()
-        _let_compiled_code_see_hooks()
+        check_materialised(self.layout, self.parts, type(self).__name__)
+        let_compiled_code_see_hooks()
         self.coefficient.set(value)
         for target in self.layout:
             self.coefficient.on(target.device)  # every device's tensor now, not while tracing
-        slot = self._free_slot()
+        slot = free_slot(self.layout, f"modlora_{self.kind}")
         if self._hook is None or self._hook.slot != slot:
             self._hook = DeltaHook(slot)  # one hook object: compiled graphs are reused
-        handles = []
-        try:
-            for name, part in self.named_parts():
-                module = self.layout[name].module
-                module.register_module(slot, part)
-                handles.append(module.register_forward_hook(self._hook))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            for target in self.layout:
-                if target.module._modules.get(slot) is self._by_name[target.name]:
-                    del target.module._modules[slot]
-            raise
-        self._slot, self._handles = slot, handles
+        self._handles = install(self.layout, self.parts, self._hook)
+        self._slot = slot
         self._grad_forward_seen = False
         return self
 
@@ -387,12 +246,9 @@ class LowRankAdapter(nn.Module):
         """
         if not self.attached:
             raise AdapterStateError(f"{type(self).__name__} is not attached")
-        for handle in self._handles:
-            handle.remove()
-        for target in self.layout:
-            target.module._modules.pop(self._slot, None)
+        uninstall(self.layout, self._slot, self._handles)
         self._handles, self._slot = [], None
-        _let_compiled_code_see_hooks()
+        let_compiled_code_see_hooks()
         if self._grad_forward_seen and _is_checkpointing(self._model):
             logger.warning(
                 "{} detached from a gradient-checkpointed model after a grad-enabled forward: "
@@ -447,14 +303,3 @@ class LowRankAdapter(nn.Module):
             else:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
-
-
-def find_adapters(model: nn.Module) -> list[LowRankAdapter]:
-    """The adapters attached to ``model`` (e.g. the copies inside a ``deepcopy`` of it)."""
-    seen: dict[int, LowRankAdapter] = {}
-    for module in unwrap_model(model).modules():
-        if isinstance(module, TargetPart):
-            adapter = module.adapter
-            if adapter.attached:
-                seen.setdefault(id(adapter), adapter)
-    return list(seen.values())

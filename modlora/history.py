@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from . import checks
 from .adapter import LowRankAdapter
 from .coefficient import validate_coeff
+from .fit import factor_problems, layout_of
 from .kinds import register_kind
-from .layout import factor_problems, layout_of
 from .part import TargetPart
 
 

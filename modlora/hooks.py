@@ -16,8 +16,11 @@ forward followed by one backward gives each forward its own ``c``). While ``torc
 output itself, read from a Python mirror (no device sync).
 """
 
+import sys
+
 import torch
 import torch.nn.functional as F
+from loguru import logger
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
@@ -143,3 +146,21 @@ def owns_output(module: nn.Module, hook) -> bool:
         if not getattr(other, "_modlora", False):
             return False
     return False
+
+
+def let_compiled_code_see_hooks() -> None:
+    """Make dynamo guard on module hooks, resetting code compiled without those guards (once).
+
+    Called at every attach and detach. Dynamo skips guards on module hooks by default, so code
+    compiled before an attach would ignore the adapter and code compiled while attached would
+    keep applying it after a detach.
+    """
+    config = sys.modules.get("torch._dynamo.config")
+    if config is None or not config.skip_nnmodule_hook_guards:
+        return  # dynamo never loaded (nothing compiled), or the guards are already on
+    config.skip_nnmodule_hook_guards = False
+    torch.compiler.reset()
+    logger.info(
+        "modlora: turned on torch.compile's guards on module hooks and reset compiled code, so "
+        "compiled models see adapters attach and detach (they recompile once)"
+    )

@@ -30,7 +30,13 @@ from .checkpoint import AdapterFactors, read_factors, weight_fingerprint, write_
 from .hooks import add_delta
 from .kinds import kind_class
 from .layout import is_conv1d
-from .merge import PROBE_ROWS, PROBE_SEED, MergeError, MergeReport, check_merged, merged_weight
+from .merge_check import (
+    MergeError,
+    MergeReport,
+    check_merged,
+    merged_weight,
+    probe_input,
+)
 
 RECORD_NAME = "modlora_merge.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -182,8 +188,7 @@ def _merge_one(plan: _Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
     new = merged_weight(logical, a, b)
     if not bool(torch.isfinite(new).all()):
         raise MergeError(plan.name, f"the merged weight {plan.key} is not finite in {weight.dtype}")
-    gen = torch.Generator().manual_seed(PROBE_SEED)
-    x = torch.randn(PROBE_ROWS, logical.shape[1], generator=gen).to(weight.dtype)
+    x = probe_input(logical.shape[1], weight.device, weight.dtype)
     y_base = F.linear(x, logical).float()
     y_merged = F.linear(x, new).float()
     delta = add_delta(torch.zeros_like(y_base), x.float(), a, b, 1.0, 1.0)  # c, scale in b

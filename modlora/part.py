@@ -10,6 +10,7 @@ adapter is attached, also in the target layer itself (``layer.<slot>``), where t
 hook finds it.
 """
 
+import torch
 from torch import Tensor, nn
 
 
@@ -76,3 +77,78 @@ class TargetPart(nn.Module):
     def extra_repr(self) -> str:
         a, b, scale = self.factors()
         return f"r={a.shape[-2]}, d_in={a.shape[-1]}, d_out={b.shape[-2]}, scale={scale:g}"
+
+
+class Parts(nn.Module):
+    """One adapter's parts, in a tree of plain modules that mirrors the model's module names, so
+    ``state_dict`` keys read ``<target name>.<role>`` below it. Loading a state dict checks every
+    given tensor (shape, finite values) before torch copies anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_name: dict[str, TargetPart] = {}
+        self.register_load_state_dict_pre_hook(_check_incoming_state)
+
+    def add(self, part: TargetPart) -> None:
+        """Put ``part`` in the tree under its target's name."""
+        node: nn.Module = self
+        *path, leaf = part.name.split(".")
+        for step in path:
+            child = node._modules.get(step)
+            if child is None:
+                child = node._modules[step] = nn.Module()
+            node = child
+        node._modules[leaf] = part
+        self._by_name[part.name] = part
+
+    def __getitem__(self, name: str) -> TargetPart:
+        return self._by_name[name]
+
+    def items(self):
+        """``(target name, part)`` in the order they were added (model order)."""
+        return self._by_name.items()
+
+    def tensors(self) -> dict[str, dict[str, Tensor]]:
+        """``{target: {role: tensor}}`` (the live tensors, not copies)."""
+        return {name: part.tensors() for name, part in self.items()}
+
+    @torch.no_grad()
+    def load(self, tensors) -> None:
+        """Copy ``{target: {role: tensor}}`` into the parts, in place (all targets, all roles).
+
+        Raises:
+            KeyError: a target or role missing or unexpected; ValueError: a shape mismatch or
+                non-finite values. Checked before anything is copied.
+        """
+        current = self.tensors()
+        wrong = sorted(set(current) ^ set(tensors))
+        if wrong:
+            raise KeyError(f"targets do not match the adapter's: {wrong[:8]}")
+        for name, parts in current.items():
+            if set(parts) != set(tensors[name]):
+                raise KeyError(f"{name}: roles {sorted(tensors[name])}, expected {sorted(parts)}")
+            for role, t in parts.items():
+                _check_value(f"{name}.{role}", tensors[name][role], t)
+        for name, part in self.items():
+            for role, t in part.tensors().items():
+                t.copy_(tensors[name][role])
+            part.pending_init = False
+
+
+def _check_value(key: str, value: Tensor, current: Tensor) -> None:
+    if tuple(value.shape) != tuple(current.shape):
+        raise ValueError(
+            f"{key}: shape {tuple(value.shape)} does not match the adapter's "
+            f"{tuple(current.shape)}; nothing was loaded"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{key}: holds non-finite values; nothing was loaded")
+
+
+def _check_incoming_state(module, state_dict, prefix, local_metadata, strict, *_) -> None:
+    """Before torch's own ``load_state_dict`` copies anything into the parts: every tensor that
+    is given must have the right shape and finite values (a bad state leaves them as they were)."""
+    for key, current in module.state_dict(prefix=prefix, keep_vars=True).items():
+        value = state_dict.get(key)
+        if value is not None:  # torch reports missing keys itself (strict=True)
+            _check_value(key, value, current)

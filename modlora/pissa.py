@@ -15,8 +15,9 @@ from . import checks
 from .adapter import LowRankAdapter
 from .blocks import DEFAULT_EXCLUDE, LayerRange
 from .calibration import Calibration
+from .fit import factor_problems, require_dense
 from .kinds import register_kind
-from .layout import factor_problems, find_targets
+from .layout import find_targets
 from .part import TargetPart
 from .ranks import check_rank_vector
 from .selection import (
@@ -105,20 +106,7 @@ class ModulatedPiSSA(LowRankAdapter):
             raise ValueError("svd='randomized' only applies to selection_score='s_only'")
         layout = find_targets(model, targets, exclude, layer_range)
         if factors is None:
-            quantized = [t.name for t in layout if t.quantized]
-            if quantized:
-                raise TypeError(
-                    f"PiSSA needs the dense weight for its SVD; quantized target(s) "
-                    f"{quantized[:5]}{'...' if len(quantized) > 5 else ''} — load the base "
-                    "unquantized or use LoRA"
-                )
-            absent = [t.name for t in layout if t.offloaded]
-            if absent:
-                raise TypeError(
-                    f"PiSSA needs each weight in memory for its SVD; target(s) {absent[:5]}"
-                    f"{'...' if len(absent) > 5 else ''} are on the meta device (a meta model, "
-                    "or offloaded) — materialise the model first, or use LoRA"
-                )
+            require_dense(layout, "PiSSA's SVD (or use LoRA)")
             if calibration is not None:
                 for t in layout:
                     calibration.for_target(t.name)  # every target must be calibrated

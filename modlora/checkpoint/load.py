@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..layout import find_targets, layout_of, unwrap_model
+from ..fit import layout_of
+from ..layout import find_targets, unwrap_model
 from ..part import AdapterStateError
 from . import validate
 from .io import CheckpointError, read_file

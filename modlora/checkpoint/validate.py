@@ -14,7 +14,8 @@ import torch
 from loguru import logger
 from torch import nn
 
-from ..layout import find_targets, fit_problems, make_target, unwrap_model
+from ..fit import fit_problems
+from ..layout import find_targets, make_target, unwrap_model
 from ..ranks import infer_rank
 from .io import CheckpointError, weight_fingerprint
 from .spec import Spec
