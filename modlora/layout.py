@@ -6,8 +6,9 @@ Targets are ``nn.Linear`` layers and transformers' ``Conv1D`` (GPT-2, weight sto
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from .blocks import (
     matches_any,
     resolve_layer_range,
 )
+from .experts import expert_geometry, fused_expert_params, hidden_size
 
 ALL_LINEAR = "all-linear"
 
@@ -55,16 +57,20 @@ def is_target_type(module: nn.Module) -> bool:
 
 def is_quantized(module: nn.Module) -> bool:
     """True when the layer's weight is not a dense float tensor (bitsandbytes 4/8-bit, ...)."""
-    weight = module.weight
+    return is_quantized_weight(module.weight)
+
+
+def is_quantized_weight(weight: torch.Tensor) -> bool:
+    """True for a weight that is not a dense float tensor."""
     return (
         type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point
     )
 
 
-def execution_device(module: nn.Module) -> torch.device:
+def execution_device(module: nn.Module, weight: torch.Tensor | None = None) -> torch.device:
     """Where ``module`` computes: its weight's device, or accelerate's execution device when
     the weight is offloaded (kept on ``meta`` between forwards)."""
-    device = module.weight.device
+    device = (module.weight if weight is None else weight).device
     if device.type == "meta":
         hook = getattr(module, "_hf_hook", None)
         target = getattr(hook, "execution_device", None)
@@ -75,16 +81,20 @@ def execution_device(module: nn.Module) -> torch.device:
 
 @dataclass(frozen=True)
 class Target:
-    """One adapted layer.
+    """One adapted weight: a linear layer, or one fused 3-D expert weight.
 
     Attributes:
-        name: the module's qualified name in the model (``model.layers.3.self_attn.q_proj``).
-        module: the layer itself.
+        name: the layer's qualified name (``model.layers.3.self_attn.q_proj``), or for a fused
+            expert weight the parameter's (``model.layers.3.mlp.experts.gate_up_proj``).
+        module: the layer, or the experts module holding the fused weight.
         d_in: input width.
         d_out: output width.
         block: index in the model's block list, or ``None`` outside it.
-        transposed: weight stored ``(d_in, d_out)`` (GPT-2 ``Conv1D``).
+        transposed: weight stored ``(d_in, d_out)`` (GPT-2 ``Conv1D``; experts ``(E, d_in, d_out)``).
         quantized: weight is not a dense float tensor.
+        param: the fused weight's parameter name in ``module`` (``None`` for a linear layer).
+        experts: the number of experts ``E`` of a fused weight (``None`` for a linear layer).
+        routed: a linear layer inside an expert list: its inputs are the tokens routed to it.
     """
 
     name: str
@@ -94,26 +104,47 @@ class Target:
     block: int | None
     transposed: bool = False
     quantized: bool = False
+    param: str | None = None
+    experts: int | None = None
+    routed: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored weight (``(d_out, d_in)``, Conv1D ``(d_in, d_out)``, experts 3-D)."""
+        return self.module.weight if self.param is None else getattr(self.module, self.param)
 
     @property
     def device(self) -> torch.device:
         """The device the layer computes on (see :func:`execution_device`)."""
-        return execution_device(self.module)
+        return execution_device(self.module, self.weight)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.weight.dtype
+        return self.weight.dtype
 
     @property
     def offloaded(self) -> bool:
         """The weight is not in memory (``meta``): a meta model, or accelerate offloading."""
-        return self.module.weight.device.type == "meta"
+        return self.weight.device.type == "meta"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape: ``(d_out, d_in)``, or ``(E, d_out, d_in)`` for fused experts."""
+        return (
+            (self.d_out, self.d_in)
+            if self.experts is None
+            else (self.experts, self.d_out, self.d_in)
+        )
+
+    def logical(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (stored layout) as a view in the logical layout :attr:`shape`."""
+        return weight.transpose(-2, -1) if self.transposed else weight
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a ``(d_out, d_in)`` view (no copy); refuses quantized or meta layers."""
+        """The weight in the logical layout (a view, no copy); refuses quantized or meta layers."""
         if self.quantized:
             raise TypeError(
-                f"target {self.name!r} is quantized ({type(self.module.weight).__name__}); "
+                f"target {self.name!r} is quantized ({type(self.weight).__name__}); "
                 "this operation needs the dense weight — load the base model unquantized"
             )
         if self.offloaded:
@@ -121,8 +152,7 @@ class Target:
                 f"target {self.name!r} has its weight on the meta device (a meta model, or "
                 "offloaded by accelerate); this operation needs the weight in memory"
             )
-        weight = self.module.weight
-        return weight.T if self.transposed else weight
+        return self.logical(self.weight)
 
 
 @dataclass(frozen=True)
@@ -217,10 +247,10 @@ def find_targets(
             )
         band = resolve_layer_range(tuple(layer_range), blocks.size)
 
-    candidates = [(name, m) for name, m in model.named_modules() if name and is_target_type(m)]
+    candidates = candidate_targets(model)
     hits: dict[str, int] = {p: 0 for p in patterns}
     found: dict[str, Target] = {}
-    for name, module in candidates:
+    for name, build in candidates:
         matched = [p for p in patterns if p == ALL_LINEAR or re.search(p, name)]
         for p in matched:
             hits[p] += 1
@@ -229,13 +259,14 @@ def find_targets(
         index = block_index(name, blocks)
         if band is not None and index is not None and index not in band:
             continue
-        found[name] = make_target(name, module, index)
+        found[name] = build(index)
 
     missing = [p for p, n in hits.items() if n == 0]
     if missing:
         raise ValueError(
-            f"target pattern(s) {missing} matched no linear layer of {type(model).__name__} "
-            f"({len(candidates)} linear layers searched, e.g. {[n for n, _ in candidates[:3]]})"
+            f"target pattern(s) {missing} matched no linear layer or fused expert weight of "
+            f"{type(model).__name__} ({len(candidates)} searched, e.g. "
+            f"{[n for n, _ in candidates[:3]]})"
         )
     if not found:
         raise ValueError(
@@ -251,7 +282,7 @@ def find_targets(
     )
 
 
-def make_target(name: str, module: nn.Module, block: int | None) -> Target:
+def make_target(name: str, module: nn.Module, block: int | None, routed: bool = False) -> Target:
     """The :class:`Target` of one linear layer."""
     transposed = is_conv1d(module)
     if transposed:
@@ -266,4 +297,70 @@ def make_target(name: str, module: nn.Module, block: int | None) -> Target:
         block=block,
         transposed=transposed,
         quantized=is_quantized(module),
+        routed=routed,
     )
+
+
+def expert_target(
+    name: str, module: nn.Module, param: str, block: int | None, hidden: int | None
+) -> Target:
+    """The :class:`Target` of fused expert weight ``param`` of ``module`` (see
+    :mod:`modlora.experts`)."""
+    d_in, d_out, transposed, experts = expert_geometry(name, module, param, hidden)
+    return Target(
+        name=name,
+        module=module,
+        d_in=d_in,
+        d_out=d_out,
+        block=block,
+        transposed=transposed,
+        quantized=is_quantized_weight(getattr(module, param)),
+        param=param,
+        experts=experts,
+    )
+
+
+def is_routed(name: str, modules: dict[str, nn.Module]) -> bool:
+    """A layer inside an expert list (``...experts.3.w1``, ``...experts.expert_0.wi``): its
+    inputs are only the tokens the router sent to that expert."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        ancestor = ".".join(parts[:i])
+        if "expert" in parts[i - 1].lower() and isinstance(
+            modules.get(ancestor), nn.ModuleList | nn.ModuleDict
+        ):
+            return True
+    return False
+
+
+def candidate_targets(model: nn.Module) -> list[tuple[str, Callable[[int | None], Target]]]:
+    """Every weight an adapter can attach to, in model order, as ``(name, build)`` pairs;
+    ``build(block)`` makes the :class:`Target` (a fused expert weight's orientation is
+    established only then, so a weight nobody selects never raises)."""
+    hidden = hidden_size(model)
+    modules = dict(model.named_modules())
+    out = []
+    for name, module in modules.items():
+        if name and is_target_type(module):
+            routed = is_routed(name, modules)
+            out.append((name, partial(make_target, name, module, routed=routed)))
+            continue
+        for param in fused_expert_params(module):
+            full = f"{name}.{param}" if name else param
+            out.append((full, partial(expert_target, full, module, param, hidden=hidden)))
+    return out
+
+
+def resolve_target(model: nn.Module, name: str) -> Target | None:
+    """The :class:`Target` called ``name`` in ``model`` (a linear layer or a fused expert
+    weight), or ``None`` when the model has no such weight."""
+    model = unwrap_model(model)
+    modules = dict(model.named_modules())
+    module = modules.get(name)
+    if module is not None and is_target_type(module):
+        return make_target(name, module, None, routed=is_routed(name, modules))
+    owner, _, param = name.rpartition(".")
+    module = modules.get(owner)
+    if module is not None and param in fused_expert_params(module):
+        return expert_target(name, module, param, None, hidden=hidden_size(model))
+    return None
