@@ -33,7 +33,7 @@ from ._types import Coeff
 from .adapter import LowRankAdapter
 from .experts import add_to_weight
 from .hooks import add_delta
-from .layout import Target, is_quantized_weight, unwrap_model
+from .layout import unwrap_model
 from .merge_check import (
     MergeError,
     MergeReport,
@@ -42,6 +42,7 @@ from .merge_check import (
     probe_input,
 )
 from .part import AdapterStateError
+from .target import Target, is_quantized_weight
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .adapter import LowRankAdapter
 from .checkpoint import write_folder
 from .layout import resolve_target, unwrap_model
 from .lora import ModulatedLoRA
-from .merge_checkpoint import resolve_key
+from .model_folder import resolve_key
 from .peft_experts import from_peft, key_stems, resolve_stem, split_stem, to_peft
 from .ranks import infer_rank
 

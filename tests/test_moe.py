@@ -248,3 +248,69 @@ def test_peft_target_parameters_round_trip_with_real_peft(arch, tmp_path):
     assert back.layout.names == lora.layout.names
     with back(back.model, c=1.0):
         torch.testing.assert_close(_logits(back.model, x), hooked)
+
+
+def _save(model, folder, **kw):
+    model.save_pretrained(folder, **kw)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_offline_merge_of_a_folder_saved_by_the_model_across_shards(arch, tmp_path):
+    """transformers saves Mixtral / Qwen3-MoE / OLMoE experts per expert (2-D keys) and GPT-OSS
+    fused; small shards split one fused weight's experts over several files."""
+    import json
+
+    import transformers as tf
+
+    model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens()
+    lora = _signed(ml.ModulatedLoRA(model, r=2, init="signed"))
+    with lora(model, c=0.7):
+        hooked = _logits(model, x)
+    base = _save(model, tmp_path / "base", max_shard_size="20KB")
+    shards = set(
+        json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values()
+    )
+    assert len(shards) > 3
+    lora.save(tmp_path / "a.safetensors")
+    report = ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "out", c=0.7)
+    per_expert = arch != "gpt_oss"
+    fused = [t for t in lora.layout if t.experts]
+    linear = len(lora.layout) - len(fused)
+    # per-expert storage: gate_up → 2 tensors (gate, up) per expert, down → 1 per expert
+    expected = linear + (
+        sum(4 * (2 if "gate_up" in t.name else 1) for t in fused) if per_expert else len(fused)
+    )
+    assert report.attempted == report.applied == expected
+    merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    torch.testing.assert_close(_logits(merged, x), hooked)
+
+
+@pytest.mark.slow
+def test_offline_merge_of_fused_keys_and_of_an_unrecognised_layout(tmp_path):
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    model, x = tiny.mixtral(), tiny.tokens()
+    lora = _signed(ml.ModulatedLoRA(model, r=2, init="signed"))
+    with lora(model, c=-1.0):
+        hooked = _logits(model, x)
+    lora.save(tmp_path / "a.safetensors")
+    fused = tmp_path / "fused"  # the model's own (fused) names on disk
+    fused.mkdir()
+    model.config.save_pretrained(fused)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    report = ml.merge_checkpoint(fused, tmp_path / "a.safetensors", tmp_path / "out", c=-1.0)
+    assert report.applied == len(lora.layout)
+    merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    torch.testing.assert_close(_logits(merged, x), hooked)
+
+    broken = _save(model, tmp_path / "broken")  # one expert's weight missing on disk
+    weights = load_file(str(broken / "model.safetensors"))
+    weights.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ml.MergeError, match=r"experts.3.w2.*unrecognised layout"):
+        ml.merge_checkpoint(broken, tmp_path / "a.safetensors", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

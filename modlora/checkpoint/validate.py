@@ -15,8 +15,9 @@ from loguru import logger
 from torch import nn
 
 from ..fit import factor_shape, fit_problems
-from ..layout import find_targets, make_target, resolve_target, unwrap_model
+from ..layout import find_targets, resolve_target, unwrap_model
 from ..ranks import infer_rank
+from ..target import make_target
 from .io import CheckpointError, weight_fingerprint
 from .spec import Spec
 
