@@ -110,7 +110,7 @@ class DeltaHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         part = module._modules[self.slot]
-        adapter = part.adapter
+        adapter = part.__dict__["_adapter"]
         c = current_c(adapter, output.device)
         if c is None:  # off, gated, or c == 0: the base output bit for bit
             return output

@@ -38,7 +38,8 @@ class LoRAPart(TargetPart):
         self.lora_B = nn.Parameter(torch.empty(*lead, target.d_out, r, dtype=dtype, device=device))
 
     def factors(self) -> tuple[Tensor, Tensor, float]:
-        return lora_factors(self.lora_A, self.lora_B, self.scale)
+        params = self._parameters  # read live (FSDP2 swaps them in); faster than attributes
+        return lora_factors(params["lora_A"], params["lora_B"], self.scale)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
