@@ -314,3 +314,31 @@ def test_offline_merge_of_fused_keys_and_of_an_unrecognised_layout(tmp_path):
     with pytest.raises(ml.MergeError, match=r"experts.3.w2.*unrecognised layout"):
         ml.merge_checkpoint(broken, tmp_path / "a.safetensors", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_expert_factors_are_validated_on_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny.mixtral()
+    lora = _signed(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
+    lora.save(tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    name = lora.layout.names[0]
+    shapes = json.loads(meta["shapes"])
+    shapes[name][2] = 3  # the metadata claims rank 3; A (E, 2, d_in) and B (E, d_out, 2) say 2
+    save_file(tensors, str(tmp_path / "r.safetensors"), {**meta, "shapes": json.dumps(shapes)})
+    with pytest.raises(
+        ml.CheckpointError, match=rf"{name}.*lora_A \(4, 2, 32\).*metadata says r=3"
+    ):
+        ml.load_adapter(model, tmp_path / "r.safetensors")
+    fewer = dict(tensors)
+    fewer[f"{name}.lora_B"] = tensors[f"{name}.lora_B"][:3]  # 3 experts' B, 4 experts' A
+    save_file(fewer, str(tmp_path / "e.safetensors"), meta)
+    with pytest.raises(ml.CheckpointError, match=rf"{name}.*expert counts differ \(4 vs 3\)"):
+        ml.load_adapter(model, tmp_path / "e.safetensors")
+    assert not ml.find_adapters(model)
