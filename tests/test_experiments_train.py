@@ -19,7 +19,15 @@ with install_import_hook("experiments", "beartype.beartype"):
     from experiments.evaluate import CONF_DIR, reevaluate
     from experiments.train import run
 
-FAST_EVAL = ["eval.c_grid=[-1,0,1]", "eval.calibrate=false", "plot=false", "threads=1"]
+FAST_EVAL = [
+    "eval.c_grid=[-1,0,1]",
+    "eval.calibrate=false",
+    "plot=false",
+    "threads=1",
+    # a few trained steps leave tiny deltas: the frontier levels may need huge c; cap the search
+    "eval.frontier.max_evals=12",
+    "eval.bootstrap.n=200",
+]
 
 
 def _compose(overrides):
@@ -72,6 +80,18 @@ def test_encoder_smoke_lowers_loss_and_writes_the_run_folder(tmp_path):
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk["rows"] == metrics["rows"]
     assert [r["c"] for r in metrics["rows"]] == [-1.0, 0.0, 1.0]
+    # the adapter and the steering baselines on the frontier (the tiny BERT has 2 blocks: the
+    # "mid" baselines coincide with "out" and are skipped)
+    assert set(on_disk["frontier"]) == {"adapter", "vector_out", "random_out"}
+    assert set(on_disk["baselines"]) == {"vector_out", "random_out"}
+    for by_level in on_disk["frontier"].values():
+        assert list(by_level) == ["0.99", "0.95", "0.90"]
+        for entry in (e for pair in by_level.values() for e in pair.values()):
+            if entry["reached"]:
+                lo, hi = entry["ci"]["p_positive"]
+                assert lo <= entry["p_positive"] <= hi
+                assert {"cosine", "logit_shift", "flip_rate"} <= set(entry["opinionated"])
+    assert on_disk["smoke_test"] is True and on_disk["calibration_split"] is None
 
 
 @pytest.mark.slow
@@ -106,6 +126,9 @@ def test_causal_objectives_lower_loss(tmp_path, experiment, extra):
     rounds = 2 if "heal" in experiment else 1
     assert len(losses) == steps * rounds
     assert losses[steps - 1] < losses[0]  # (the first round's) training loss went down
+    assert metrics["frontier_key"] == "kl" and metrics["frontier_levels"] == [0.1, 0.5, 1.0]
+    # 2 blocks: the "mid" baselines coincide with "out" and are skipped
+    assert set(metrics["frontier"]) == {"adapter", "vector_out", "random_out"}
     meta = ml.read_metadata(run_dir / "adapter.safetensors")
     assert meta["kind"] == ("history" if "heal" in experiment else "lora")
     assert meta["extra_meta"]["config"]["objective"]["name"] == metrics["objective"]
@@ -116,17 +139,23 @@ def test_causal_objectives_lower_loss(tmp_path, experiment, extra):
 
 @pytest.mark.slow
 def test_saved_adapter_reloads_and_reproduces_the_logged_metrics(tmp_path):
-    metrics, run_dir = _run(
-        _encoder("train.max_steps=3", "eval.calibrate=true", "eval.c_scan.min_c=0.5"), tmp_path
-    )
+    metrics, run_dir = _run(_encoder("train.max_steps=3", "eval.calibrate=true"), tmp_path)
     path = run_dir / "adapter.safetensors"
     meta = ml.read_metadata(path)
     assert meta["c"] == metrics["calibrated_c"]
     assert meta["extra_meta"]["metrics"]["rows"] == metrics["rows"]
     again = reevaluate(str(path), out_dir=tmp_path, make_plot=False)
-    got = torch.tensor([[r[k] for k in sorted(r)] for r in again["rows"]])
-    want = torch.tensor([[r[k] for k in sorted(r)] for r in metrics["rows"]])
-    torch.testing.assert_close(got, want)
+    # The probe is refit on the re-embedded probe sentences. The embeddings may differ in the
+    # last bit between two evaluations (measured: 6e-8; MKL kernels are alignment-dependent),
+    # and the L-BFGS fit on nearly separable sentences amplifies that (measured: 3e-4 in the
+    # weights, 4e-5 in P(positive)); probe-free statistics keep assert_close's defaults.
+    probe_keys = {"p_positive", "logit_shift", "flip_rate"}
+    for got, want in zip(again["rows"], metrics["rows"], strict=True):  # (c = 0 has no flip rate)
+        assert sorted(got) == sorted(want)
+        for k in sorted(got):
+            tol = {"atol": 1e-3, "rtol": 0} if k in probe_keys else {}
+            torch.testing.assert_close(torch.tensor(got[k]), torch.tensor(want[k]), **tol)
+    assert again["frontier"].keys() == metrics["frontier"].keys()
     assert again["deployed_c"] == metrics["calibrated_c"]
 
     # the command-line form: python -m experiments.evaluate adapter=PATH
@@ -137,7 +166,7 @@ def test_saved_adapter_reloads_and_reproduces_the_logged_metrics(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "largest difference from the logged metrics" in done.stdout
     cli = json.loads((out / "metrics.json").read_text())
-    assert cli["max_abs_diff"] <= 1e-5  # fp32 forward in a fresh process: assert_close's atol
+    assert cli["max_abs_diff"] <= 1e-3  # the probe's amplification, as above
     assert (out / "plot.png").is_file() and (out / "evaluate.log").is_file()
 
 
