@@ -112,6 +112,7 @@ def summarize(sweep_dir: Path) -> str | None:
     if any("opinionated" in e for e in runs[0]["frontier"]["adapter"][mid_key(runs[0])].values()):
         parts.append(frontier_summary(runs, "flip_rate", "opinionated"))
         parts.append(frontier_summary(runs, "cosine", "opinionated"))
+        parts.append(frontier_summary(runs, "shift_ratio", "opinionated"))
     text = "\n\n".join(parts)
     (sweep_dir / "summary.md").write_text(text + "\n")
     csv = [",".join(keys)] + [",".join(_cell(r.get(k)) for k in keys) for r in rows]

@@ -42,12 +42,20 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EVAL_CONF_DIR = str(Path(CONF_DIR) / "evaluate")
 
 
-def sweep(meter, adapter, c_grid) -> dict:
-    """Measure every ``c`` of the grid; ``{"rows", "trait", "coherence", "spearman"}``."""
-    rows = [meter(adapter, float(c)) for c in sorted(c_grid)]
+def sweep(meter, adapter, c_grid, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Measure every ``c`` of the grid: ``{"rows", "rows_ci", "trait", "coherence", "spearman"}``
+    (``rows_ci[i]``: the bootstrap intervals of ``rows[i]``)."""
+    stats = [(float(c), meter.stats(adapter, float(c))) for c in sorted(c_grid)]
+    rows = [row_of(c, s) for c, s in stats]
     trait = meter.trait
     rho = spearman([r["c"] for r in rows], [r[trait] for r in rows])
-    return {"trait": trait, "coherence": list(meter.coherence), "rows": rows, "spearman": rho}
+    return {
+        "trait": trait,
+        "coherence": list(meter.coherence),
+        "rows": rows,
+        "rows_ci": [bootstrap(s, n_boot, seed) for _, s in stats],
+        "spearman": rho,
+    }
 
 
 def _at(meters: dict, method, c: float, n_boot: int, seed: int) -> dict:
@@ -70,9 +78,9 @@ def evaluate(meters: dict, methods: dict, cfg_eval, seed: int) -> dict:
         seed: the bootstrap seed.
     """
     adapter, test = methods["adapter"], meters["test"]
-    result = sweep(test, adapter, cfg_eval.c_grid)
-    result["probe_accuracy"] = meters.get("probe_accuracy")
     n_boot = cfg_eval.bootstrap.n
+    result = sweep(test, adapter, cfg_eval.c_grid, n_boot, seed)
+    result["probe_accuracy"] = meters.get("probe_accuracy")
     if cfg_eval.calibrate:
         k = cfg_eval.calibration
         cal = calibrate(meters["val"], adapter, cfg_eval.gates, k.rel_tol, k.max_c, k.max_evals)
@@ -174,7 +182,8 @@ def main(cfg) -> float:
         start = time.time()
         overrides = OmegaConf.to_container(cfg.eval) if cfg.eval is not None else None
         result = reevaluate(cfg.adapter, cfg.device, overrides, out_dir, cfg.plot, cfg.threads)
-        table = format_table(result["rows"], [result["trait"], *result["coherence"]])
+        columns = [result["trait"], *result["coherence"]]
+        table = format_table(result["rows"], columns, result["rows_ci"])
         print(table)
         print(format_frontier(result))
         if "max_abs_diff" in result:

@@ -14,14 +14,20 @@ NAMES = {
     "margin_shift": "margin shift",
     "nll": "NLL/token",
     "kl": "KL to c=0",
+    "shift_ratio": "shift ratio (opinionated / neutral)",
 }
 SHORT = {"cosine": "cos", "kl": "KL"}
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A plain-text table of ``rows`` (dicts) with ``c`` first, then ``columns``."""
+def format_table(rows: list[dict], columns: list[str], cis: list[dict] | None = None) -> str:
+    """A plain-text table of ``rows`` (dicts) with ``c`` first, then ``columns``; with ``cis``
+    (one ``{key: [lo, hi]}`` per row), every value is followed by its interval."""
     header = ["c"] + [NAMES.get(k, k) for k in columns]
-    body = [[f"{r['c']:+.2f}"] + [_fmt(r.get(k)) for k in columns] for r in rows]
+    cis = cis or [{} for _ in rows]
+    body = [
+        [f"{r['c']:+.2f}"] + [_fmt(r.get(k), ci.get(k)) for k in columns]
+        for r, ci in zip(rows, cis, strict=True)
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
@@ -31,11 +37,12 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(header), sep, *(line(b) for b in body)])
 
 
-def _fmt(value) -> str:
+def _fmt(value, interval=None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.3f}"
+        text = "nan" if math.isnan(value) else f"{value:.3f}"
+        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
     return str(value)
 
 

@@ -152,6 +152,8 @@ def build_baselines(
 ) -> dict[str, SteeringVector]:
     """The steering-vector baselines ``names`` (``vector_out``, ``random_mid``, ...), built from
     the training pairs on the base model (no adapter attached)."""
+    if not names:
+        return {}
     blocks = block_list(model)
     where = baseline_blocks(model, mid_block)
     if where["mid"] == where["out"]:

@@ -166,6 +166,7 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
         "calibration_split": result["calibration"]["split"],
         "calibration": result["calibration"],
         "rows": result["rows"],
+        "rows_ci": result["rows_ci"],
         "spearman": result["spearman"],  # not evidence: saturates even for a random direction
         "curves": result["curves"],
         "probe_accuracy": result.get("probe_accuracy"),
@@ -207,7 +208,8 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
             extra_meta={"config": config_dict(cfg), "metrics": small},
             c=c_star,
         )
-    table = format_table(result["rows"], [result["trait"], *result["coherence"]])
+    columns = [result["trait"], *result["coherence"]]
+    table = format_table(result["rows"], columns, result["rows_ci"])
     front = format_frontier(metrics)
     if cfg.plot:
         title = f"{cfg.model.name} · {cfg.adapter.kind} r={cfg.adapter.r} · {cfg.objective.name}"
