@@ -28,10 +28,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _groups(runs: list[dict]) -> list[tuple[str, list[dict]]]:
     """Runs grouped by their config minus the seeds; each group labelled by what differs."""
     flats = [{k: v for k, v in _flat(m["config"]).items() if k not in SEED_KEYS} for m in runs]
-    varying = sorted({k for f in flats for k in f if any(g.get(k) != f[k] for g in flats)})
+    shared = set.intersection(*(set(f) for f in flats))  # e.g. alpha exists for LoRA only
+    varying = sorted(k for k in shared if len({f[k] for f in flats}) > 1)
     groups: dict[str, list[dict]] = {}
     for m, f in zip(runs, flats, strict=True):
-        label = ", ".join(f"{k}={json.loads(f[k])}" for k in varying if k in f) or "all jobs"
+        label = ", ".join(f"{k}={json.loads(f[k])}" for k in varying) or "all jobs"
         groups.setdefault(label, []).append(m)
     return list(groups.items())
 
@@ -107,8 +108,9 @@ def summarize(sweep_dir: Path) -> str | None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]
+    shift = "logit_shift" if runs[0]["trait"] == "p_positive" else "margin_shift"
     parts = ["\n".join(lines), frontier_summary(runs, runs[0]["trait"])]
-    parts.append(frontier_summary(runs, "flip_rate"))
+    parts += [frontier_summary(runs, shift), frontier_summary(runs, "flip_rate")]
     if any("opinionated" in e for e in runs[0]["frontier"]["adapter"][mid_key(runs[0])].values()):
         parts.append(frontier_summary(runs, "flip_rate", "opinionated"))
         parts.append(frontier_summary(runs, "cosine", "opinionated"))
