@@ -142,13 +142,13 @@ def reevaluate(
     if eval_overrides:
         cfg.eval = OmegaConf.merge(cfg.eval, eval_overrides)
     cfg.eval.calibrate = False  # the deployed c is read from the file
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
     try:
         # the training run's thread count: fp32 sums (and the probe fit on them) then match
         set_threads(threads if threads is not None else cfg.get("threads"))
         return _reevaluate(cfg, extra, adapter_path, out_dir, make_plot)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _reevaluate(cfg, extra: dict, adapter_path: str, out_dir, make_plot: bool) -> dict:
