@@ -118,8 +118,11 @@ def frontier(
 
     out: dict = {}
     for sign, name in ((1.0, "+"), (-1.0, "-")):
-        start = 1.0
+        start, saturated = 1.0, None
         for level in levels:
+            if saturated is not None:  # coherence never crossed an easier level up to c_max
+                out.setdefault(level_key(level), {})[name] = {**saturated, "evals": 0}
+                continue
             tol = rel_tol * abs(level - base)
             found = search(
                 lambda c, s=sign: measure(s * c),
@@ -155,5 +158,7 @@ def frontier(
                     c,
                 )
             out.setdefault(level_key(level), {})[name] = entry
+            if not found["close"] and found["hi"] is None and found["c"] >= c_max:
+                saturated = entry
     curve = [row_of(c, cache[c]) for c in sorted(cache)]
     return out, curve

@@ -240,7 +240,7 @@ def main(cfg) -> float:
         metrics = run(cfg, run_dir)
     finally:
         logger.remove(sink)
-    return metrics["calibrated_c"]
+    return metrics["train"]["best_val"]  # what a Hydra sweeper may minimise: the validation loss
 
 
 if __name__ == "__main__":

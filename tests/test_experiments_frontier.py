@@ -73,6 +73,26 @@ def test_search_reports_a_level_it_cannot_reach():
     assert not found["close"] and found["hi"] is None and found["c"] == 64
 
 
+class _FloorMeter:
+    """A meter whose cosine falls from 1 towards a floor of 0.97 as |c| grows (3 items)."""
+
+    frontier_key, higher_is_better, shift = "cosine", True, "logit_shift"
+
+    def stats(self, method, c):
+        cos = torch.full((3,), 0.97 + 0.03 / (1 + c**2))
+        return {"cosine": mean_stat(cos), "logit_shift": mean_stat(torch.full((3,), c))}
+
+
+def test_frontier_flags_levels_beyond_the_floor_and_stops_searching():
+    front, _ = frontier(_FloorMeter(), None, [0.99, 0.95, 0.90], 0.02, 64.0, 40, n_boot=20)
+    for sign in ("+", "-"):
+        assert front["0.99"][sign]["reached"]
+        assert not front["0.95"][sign]["reached"] and abs(front["0.95"][sign]["c"]) == 64
+        # the harder level is not searched again: same point, no evaluations
+        assert front["0.90"][sign]["c"] == front["0.95"][sign]["c"]
+        assert front["0.90"][sign]["evals"] == 0
+
+
 def test_search_without_a_target_brackets_the_boundary_to_rel_tol():
     found = search(lambda c: {"c": c}, lambda r: r["c"] <= 3.7, rel_tol=0.01, max_evals=60)
     assert found["lo"] <= 3.7 < found["hi"] and found["hi"] - found["lo"] <= 0.01 * found["hi"]
