@@ -171,7 +171,8 @@ def test_the_run_calibrates_on_the_validation_meter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate_mod, "calibrate", spy)
     overrides = ["model=tiny_bert", "model.loader.num_layers=4", "train=smoke", "train.max_steps=2"]
-    cfg = _compose([*overrides, "data.n_train=20", "plot=false", "train.save_state=false"])
+    fast = ["eval.frontier.max_evals=6", "eval.bootstrap.n=100", "eval.calibration.max_evals=12"]
+    cfg = _compose([*overrides, *fast, "data.n_train=20", "plot=false", "train.save_state=false"])
     metrics = run(cfg, tmp_path / "run")
     data = validate(cfg)
     assert got["texts"] == [p.chosen for p in data.val] + [p.rejected for p in data.val]
