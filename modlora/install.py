@@ -25,8 +25,7 @@ def free_slot(layout: TargetLayout, base: str) -> str:
 def check_materialised(layout: TargetLayout, parts: Parts, what: str) -> None:
     """Refuse parts still on the meta device when their layer computes on a real device."""
     for target in layout:
-        a = parts[target.name].factors()[0]
-        if a.device.type == "meta" and target.device.type != "meta":
+        if parts[target.name].on_meta and target.device.type != "meta":
             raise AdapterStateError(
                 f"{what} holds no values (its tensors are on the meta device) but "
                 f"{target.name!r} computes on {target.device}: call adapter.to_empty(device=...) "

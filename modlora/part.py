@@ -13,6 +13,8 @@ hook finds it.
 import torch
 from torch import Tensor, nn
 
+from .sharding import any_sharded, full_tensor
+
 
 class AdapterStateError(RuntimeError):
     """An adapter was used in a state that does not allow it (re-entry, detach when detached,
@@ -51,19 +53,37 @@ class TargetPart(nn.Module):
 
     def checked_factors(self) -> tuple[Tensor, Tensor, float]:
         """:meth:`factors`, refusing tensors that were never given values."""
-        if self.pending_init:
-            a = self.factors()[0]
-            if a.device.type != "meta":
-                raise AdapterStateError(
-                    f"the {type(self.adapter).__name__} part of {self.name!r} was built on the "
-                    "meta device and never initialised: call adapter.reset_parameters() (or "
-                    "load_state_dict) after materialising it"
-                )
+        if self.pending_init and not self.on_meta:
+            raise AdapterStateError(
+                f"the {type(self.adapter).__name__} part of {self.name!r} was built on the "
+                "meta device and never initialised: call adapter.reset_parameters() (or "
+                "load_state_dict) after materialising it"
+            )
         return self.factors()
+
+    def full_factors(self) -> tuple[Tensor, Tensor, float]:
+        """:meth:`checked_factors` of the whole tensors, also when FSDP2 has sharded them.
+
+        Outside a forward, FSDP2 keeps each parameter as a ``DTensor`` shard; they are gathered
+        here (a collective: under FSDP2 every rank must call it) and fed to the kind's pure
+        factor function, the one :meth:`factors` uses too.
+        """
+        tensors = self.tensors()
+        if not any_sharded(tensors.values()):
+            return self.checked_factors()
+        adapter = self.adapter
+        full = {role: full_tensor(t) for role, t in tensors.items()}
+        return type(adapter).target_factors(adapter.config(), self.name, full)
+
+    @property
+    def on_meta(self) -> bool:
+        """The tensors are on the meta device (hold no values)."""
+        return any(t.device.type == "meta" for t in self.tensors().values())
 
     @property
     def rank(self) -> int:
-        return int(self.factors()[0].shape[-2])
+        down = self.tensors()[self.adapter.factor_roles[0]]  # (r, d_in); a shard: global shape
+        return int(down.shape[-2])
 
     def tensors(self) -> dict[str, Tensor]:
         """``{role: tensor}``: parameters and buffers under their role names."""
@@ -75,6 +95,8 @@ class TargetPart(nn.Module):
             self.pending_init = False  # every tensor of the part was given a value
 
     def extra_repr(self) -> str:
+        if any_sharded(self.tensors().values()):
+            return "sharded (FSDP2)"
         a, b, scale = self.factors()
         return f"r={a.shape[-2]}, d_in={a.shape[-1]}, d_out={b.shape[-2]}, scale={scale:g}"
 
