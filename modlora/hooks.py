@@ -24,6 +24,8 @@ from loguru import logger
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
+from .recompute import grad_state, no_grad_state
+
 
 def check_batch(name: str, x: Tensor, c: Tensor) -> None:
     """A per-sample ``c`` needs the batch on the first axis of the layer's input."""
@@ -103,31 +105,28 @@ class DeltaHook:
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         part = module._modules[self.slot]
         adapter = part.adapter
-        if not adapter.enabled or (adapter.gate is not None and not adapter.gate()):
-            return output
         x = args[0]
         coeff = adapter.coefficient
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # c is a graph input: changing it does not recompile
-            c = coeff.on(output.device)
-        elif coeff.is_zero:  # Python mirror: no device sync, the base output bit for bit
-            return output
+        if torch.compiler.is_compiling():  # c is a graph input: changing it does not recompile
+            if not adapter.enabled or (adapter.gate is not None and not adapter.gate()):
+                return output
+            c, inplace = coeff.on(output.device), False  # pure tensor math, no bookkeeping
         else:
-            c = coeff.scalar
-            if c is None:
-                c = coeff.on(output.device)
+            grad = torch.is_grad_enabled()
+            # A checkpointed segment's recomputation replays what its original forward did.
+            applied, c = grad_state(adapter) if grad else no_grad_state(adapter)
+            if not applied:  # disabled, gated off, or c == 0: the base output bit for bit
+                return output
+            if isinstance(c, Tensor):  # per-sample: the current value is on every device
+                c = coeff.on(output.device) if c is coeff.snapshot else c.to(output.device)
+            inplace = (
+                not grad
+                and owns_output(module, self)
+                and (not output.is_inference() or torch.is_inference_mode_enabled())
+            )
         if isinstance(c, Tensor) and c.dim() == 1:
             check_batch(part.name, x, c)
         a, b, scale = part.checked_factors()
-        inplace = False
-        if compiling:
-            pass  # pure tensor math: no in-place add, no Python-side bookkeeping
-        elif torch.is_grad_enabled():
-            adapter.note_grad_forward()
-        else:
-            inplace = owns_output(module, self) and (
-                not output.is_inference() or torch.is_inference_mode_enabled()
-            )
         dropout = part.dropout if part.training else 0.0
         return add_delta(output, x, a, b, scale, c, dropout=dropout, inplace=inplace)
 
