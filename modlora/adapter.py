@@ -29,7 +29,7 @@ from ._types import Coeff, FactorA, FactorB
 from .checkpoint import load_adapter, save_adapter
 from .coefficient import Coefficient, validate_coeff
 from .hooks import DeltaHook, let_compiled_code_see_hooks
-from .install import check_materialised, free_slot, install, uninstall
+from .install import check_materialised, check_parallel, free_slot, install, uninstall
 from .kinds import AdapterKind
 from .layout import TargetLayout, unwrap_model
 from .part import AdapterStateError, Parts, TargetPart
@@ -200,8 +200,9 @@ class LowRankAdapter(AdapterKind, nn.Module):
         """Register the parts and hooks in the model (persistent form); ``detach()`` removes them.
 
         Raises:
-            AdapterStateError: already attached, tensors never materialised, or one of
-                ``attach_guards`` refused.
+            AdapterStateError: already attached, tensors never materialised, one of
+                ``attach_guards`` refused, or DDP / FSDP2 took the model's parameters before
+                this adapter's were in it (attach first, then wrap or ``fully_shard``).
             ValueError: ``model`` is not the one the adapter was built on, or ``c`` is invalid.
         """
         self.check_model(model)
@@ -214,6 +215,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         for guard in self.attach_guards:
             guard(self)
         check_materialised(self.layout, self.parts, type(self).__name__)
+        check_parallel(model, self.layout, self.parts, type(self).__name__)
         let_compiled_code_see_hooks()
         self.coefficient.set(value)
         for target in self.layout:

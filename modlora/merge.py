@@ -19,7 +19,8 @@ Decisions:
   until it is unmerged (an ``attach_guards`` entry). ``enabled``/``gate`` are run-time switches
   that a plain weight cannot have: the merge ignores them.
 * Refused before anything is written: quantized or meta/offloaded weights, a weight tied to another
-  parameter (``lm_head`` sharing the embedding), a non-float weight, factors that do not fit.
+  parameter (``lm_head`` sharing the embedding), a non-float weight, factors that do not fit, a
+  weight sharded by FSDP2.
 """
 
 import weakref
@@ -41,6 +42,7 @@ from .merge_check import (
     probe_input,
 )
 from .part import AdapterStateError
+from .sharding import is_dtensor
 
 
 @dataclass
@@ -105,6 +107,20 @@ def _validate(model: nn.Module, adapter: LowRankAdapter, factors: dict) -> None:
             )
         if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise MergeError(name, "the adapter's factors hold non-finite values", where)
+
+
+def _refuse_sharded(adapter: LowRankAdapter) -> None:
+    """A weight sharded by FSDP2 is a ``DTensor`` holding this rank's rows only."""
+    for target in adapter.layout:
+        weight = target.module.weight
+        if is_dtensor(weight):
+            raise MergeError(
+                target.name,
+                f"its weight is sharded by FSDP2 (a DTensor, {weight.placements} over "
+                f"{weight.device_mesh.size()} ranks): this process holds only a slice of it. "
+                "Merge on an unsharded model (e.g. load the saved adapter in one process) or "
+                "offline with merge_checkpoint",
+            )
 
 
 @torch.no_grad()
@@ -172,6 +188,7 @@ def merge(
     if any(m.adapter is adapter for m in stack):
         raise AdapterStateError(f"{kind} is already merged into this model; unmerge() it first")
 
+    _refuse_sharded(adapter)  # before delta_factors, which would gather shards collectively
     factors = adapter.delta_factors(value)
     _validate(model, adapter, factors)
     originals: dict[str, Tensor] = {}

@@ -13,7 +13,7 @@ hook finds it.
 import torch
 from torch import Tensor, nn
 
-from .sharding import any_sharded, full_tensor
+from .sharding import any_sharded, full_tensor, shard_like
 
 
 class AdapterStateError(RuntimeError):
@@ -141,6 +141,8 @@ class Parts(nn.Module):
         Raises:
             KeyError: a target or role missing or unexpected; ValueError: a shape mismatch or
                 non-finite values. Checked before anything is copied.
+
+        Whole tensors are cut into the shards of FSDP2-sharded parameters (every rank must load).
         """
         current = self.tensors()
         wrong = sorted(set(current) ^ set(tensors))
@@ -153,7 +155,7 @@ class Parts(nn.Module):
                 _check_value(f"{name}.{role}", tensors[name][role], t)
         for name, part in self.items():
             for role, t in part.tensors().items():
-                t.copy_(tensors[name][role])
+                t.copy_(shard_like(tensors[name][role], t))
             part.pending_init = False
 
 

@@ -26,6 +26,17 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole`` as a ``DTensor`` placed like ``like`` when that is one (for an in-place copy
+    into a sharded parameter; every rank holds ``whole``), else ``whole`` itself."""
+    if not is_dtensor(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = whole.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+
+
 def any_sharded(tensors) -> bool:
     """True when any tensor of the iterable is a ``DTensor``."""
     return any(is_dtensor(t) for t in tensors)

@@ -1,0 +1,131 @@
+"""Training steps run alike by one process on the full batch and by 2 ranks on half each.
+
+Each case builds the tiny Llama, an adapter to train and its per-sample ±c rows, attaches, lets
+``wrap`` wrap the model (identity, DDP or FSDP2) and takes one step; the multi-process tests
+compare what every rank gets with the single-process reference on the full batch.
+"""
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import modlora as ml
+from modlora import distributed
+from modlora.sharding import full_tensor
+from tests import tiny
+
+BATCH = 4
+C_ROWS = torch.tensor([1.5, -1.5, 1.0, -0.5])  # per-sample ±c, split across the ranks
+LR = 0.5
+
+
+def rows(rank: int, world: int) -> slice:
+    return slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+
+
+def _loss(model, x):
+    return model(x).logits.float().pow(2).mean()
+
+
+def lora(model):
+    return tiny.signed_lora(model)
+
+
+def pissa(model):
+    return ml.ModulatedPiSSA(model, r=4, delta_s_init=0.05)
+
+
+def round_on_history(model):
+    """A new LoRA round trained on top of a HistoryBake of an earlier one."""
+    ml.HistoryBake(model, [(tiny.signed_lora(model, seed=3), 1.0)])
+    return tiny.signed_lora(model, seed=5)
+
+
+CASES = {"lora": lora, "pissa": pissa, "history": round_on_history}
+
+
+def gradients(build: Callable, part: slice, wrap: Callable) -> dict:
+    """One backward of the ±c loss on the rows ``part``: ``{name: whole gradient}``."""
+    model = tiny.llama()
+    adapter = build(model)
+    adapter.train()
+    adapter.attach(model, c=C_ROWS[part])
+    wrapped = wrap(model)
+    _loss(wrapped, tiny.tokens(batch=BATCH)[part]).backward()
+    return {n: full_tensor(p.grad) for n, p in adapter.named_parameters()}
+
+
+def train_save_load(
+    part: slice, wrap: Callable, folder: Path, tag: str, sharded: bool = False
+) -> dict:
+    """Save the LoRA before and after one SGD step (``save`` on every rank), then load the file
+    into a fresh model: its outputs next to the trained adapter's."""
+    model = tiny.llama()
+    adapter = lora(model)
+    adapter.train()
+    adapter.attach(model, c=C_ROWS[part])
+    wrapped = wrap(model)
+    adapter.save(folder / f"{tag}_initial.safetensors", extra_meta={"step": 0})
+    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=LR)
+    x = tiny.tokens(batch=BATCH)[part]
+    _loss(wrapped, x).backward()
+    opt.step()
+    path = adapter.save(folder / f"{tag}_trained.safetensors", extra_meta={"step": 1})
+    if sharded:
+        assert os.path.exists(path)  # a collective save returns once rank 0 has written
+    distributed.barrier()  # unsharded, rank 0 writes on its own: wait for it before reading
+    adapter.eval()
+    with torch.no_grad():
+        trained = wrapped(x).logits
+        fresh = tiny.llama()
+        loaded = ml.load_adapter(fresh, path)
+        with loaded(fresh, c=C_ROWS[part]):
+            reloaded = fresh(x).logits
+    return {"trained": trained, "reloaded": reloaded}
+
+
+def reference(tmp: Path) -> dict:
+    """The single-process results on the full batch."""
+    everything = slice(0, BATCH)
+    out = {name: gradients(build, everything, lambda m: m) for name, build in CASES.items()}
+    out["outputs"] = train_save_load(everything, lambda m: m, tmp, "single")
+    return out
+
+
+def _contents(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file as (header, data bytes). The header is compared as a map: safetensors
+    writes the metadata in the order of a Rust HashMap, random per process."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]  # header length
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def check_against(reference: dict, results: list[dict], tmp: Path, tag: str) -> None:
+    """Every rank's gradients equal the reference; its saved files equal the single process's."""
+    for rank, got in enumerate(results):
+        for case in CASES:
+            want = reference[case]
+            assert got[case].keys() == want.keys(), (rank, case)
+            assert any(g.abs().sum() > 0 for g in want.values())
+            for name, grad in got[case].items():
+                # fp32 tolerance: the ranks' gradients are summed in another order
+                torch.testing.assert_close(grad, want[name], msg=f"rank {rank} {case}: {name}")
+        outputs = got["outputs"]
+        torch.testing.assert_close(outputs["reloaded"], outputs["trained"])
+        part = rows(rank, len(results))
+        torch.testing.assert_close(outputs["trained"], reference["outputs"]["trained"][part])
+    assert _contents(tmp / f"{tag}_initial.safetensors") == _contents(
+        tmp / "single_initial.safetensors"
+    )
+    a = ml.read_metadata(tmp / "single_trained.safetensors")
+    b = ml.read_metadata(tmp / f"{tag}_trained.safetensors")
+    assert a == b
+    ta = ml.load_adapter(tiny.llama(), tmp / "single_trained.safetensors").target_tensors()
+    tb = ml.load_adapter(tiny.llama(), tmp / f"{tag}_trained.safetensors").target_tensors()
+    for name in ta:
+        for role in ta[name]:
+            torch.testing.assert_close(tb[name][role], ta[name][role])
