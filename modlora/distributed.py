@@ -15,7 +15,8 @@ The rules (see README, "Distributed training"):
 
 :func:`setup` starts the process group from the ``torchrun`` / SLURM environment and
 :func:`parallelize` wraps the model; :func:`is_main_process`, :func:`barrier` and
-:func:`mean_over_ranks` are what a training script needs around them.
+:func:`mean_over_ranks` are what a training script needs around them; :func:`load_into` puts a
+saved adapter's tensors back into the adapter being trained (also when wrapped or sharded).
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -35,6 +36,7 @@ from loguru import logger
 from torch import nn
 
 from .blocks import find_block_list
+from .checkpoint.load import read_spec
 from .install import find_adapters
 from .layout import unwrap_model
 from .sharding import process_group_size, process_rank
@@ -139,3 +141,22 @@ def parallelize(model: nn.Module, strategy: str = "ddp", **kwargs) -> nn.Module:
             fully_shard(block, **kwargs)
     fully_shard(plain, **kwargs)
     return plain
+
+
+def load_into(adapter, path) -> None:
+    """Copy the tensors of a file written by ``save`` into ``adapter``, in place.
+
+    The parameters stay the same objects, so an optimizer, a DDP wrapper or FSDP2 (every rank
+    loads; the whole tensors are cut into its shards) keep working on them. Nothing else is
+    built: unlike :func:`~modlora.load_adapter`, no second adapter touches the model.
+
+    Raises:
+        CheckpointError: unreadable or malformed file.
+        TypeError: the file holds another kind of adapter.
+        KeyError, ValueError: targets, roles or shapes differ, or non-finite values (nothing is
+            copied then).
+    """
+    spec = read_spec(path, [n for n, _ in adapter.model.named_modules()])
+    if spec.kind != adapter.kind:
+        raise TypeError(f"{spec.path} holds a {spec.kind!r} adapter, not a {adapter.kind!r} one")
+    adapter.load_target_tensors(spec.tensors)

@@ -88,6 +88,30 @@ def train_save_load(
     return {"trained": trained, "reloaded": reloaded}
 
 
+def accelerate_step(part: slice, rank: int, world: int) -> dict:
+    """accelerate's ``prepare(model, optimizer)`` (DDP on the running process group), one SGD
+    step: ``{target: {role: tensor}}`` of the trained LoRA."""
+    from accelerate import Accelerator
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+    )  # accelerate reads these; the process group is already running
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == world
+    model = tiny.llama()
+    adapter = lora(model)
+    adapter.train()
+    adapter.attach(model, c=C_ROWS[part])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    prepared, opt = accelerator.prepare(model, opt)
+    accelerator.backward(_loss(prepared, tiny.tokens(batch=BATCH)[part]))
+    opt.step()
+    return {
+        n: {r: t.detach().clone() for r, t in ts.items()}
+        for n, ts in adapter.target_tensors().items()
+    }
+
+
 def reference(tmp: Path) -> dict:
     """The single-process results on the full batch."""
     everything = slice(0, BATCH)
@@ -124,8 +148,18 @@ def check_against(reference: dict, results: list[dict], tmp: Path, tag: str) -> 
     a = ml.read_metadata(tmp / "single_trained.safetensors")
     b = ml.read_metadata(tmp / f"{tag}_trained.safetensors")
     assert a == b
-    ta = ml.load_adapter(tiny.llama(), tmp / "single_trained.safetensors").target_tensors()
-    tb = ml.load_adapter(tiny.llama(), tmp / f"{tag}_trained.safetensors").target_tensors()
-    for name in ta:
-        for role in ta[name]:
-            torch.testing.assert_close(tb[name][role], ta[name][role])
+    trained = ml.load_adapter(tiny.llama(), tmp / "single_trained.safetensors").target_tensors()
+    _assert_same_tensors(
+        ml.load_adapter(tiny.llama(), tmp / f"{tag}_trained.safetensors").target_tensors(), trained
+    )
+    for got in results:
+        if "accelerate" in got:
+            _assert_same_tensors(got["accelerate"], trained)
+
+
+def _assert_same_tensors(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        for role in want[name]:
+            # fp32 tolerance: one SGD step on gradients summed across ranks in another order
+            torch.testing.assert_close(got[name][role], want[name][role], msg=f"{name}.{role}")

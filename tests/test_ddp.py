@@ -2,7 +2,8 @@
 
 One spawn runs every case (process start-up dominates): LoRA with per-sample ±c rows, PiSSA,
 a new round on top of a HistoryBake, then save (every rank calls, rank 0 writes) → load on every
-rank → same outputs; and an adapter attached after DDP wrapped the model is refused.
+rank → same outputs; accelerate's ``prepare(model, optimizer)`` takes the same step; and an
+adapter attached after DDP wrapped the model is refused.
 """
 
 import os
@@ -42,6 +43,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         out = {name: cases.gradients(build, part, wrap) for name, build in cases.CASES.items()}
         out["outputs"] = cases.train_save_load(part, wrap, Path(tmp), "ddp")
         out["refused"] = _refused_after_wrapping()
+        out["accelerate"] = cases.accelerate_step(part, rank, world)
         torch.save(out, Path(tmp) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
