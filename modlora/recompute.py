@@ -23,8 +23,9 @@ be matched to its records raises instead of guessing (:class:`RecomputeError`). 
 adapter whose checkpointed forward still awaits its backward is reported by
 :func:`note_detach`: the recompute would run without the adapter's hook.
 
-Not covered: a ``torch.compile``d forward (the coefficient is a graph input read at recompute;
-keep ``c`` fixed between forward and backward there).
+Not covered: a ``torch.compile``d forward (the coefficient is a graph input read at recompute),
+and checkpoint implementations other than ``torch.utils.checkpoint`` (DeepSpeed's, Megatron's):
+keep ``c`` fixed between forward and backward there.
 """
 
 import sys

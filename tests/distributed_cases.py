@@ -5,6 +5,7 @@ Each case builds the tiny Llama, an adapter to train and its per-sample ±c rows
 compare what every rank gets with the single-process reference on the full batch.
 """
 
+import functools
 import json
 import os
 import struct
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import modlora as ml
 from modlora import distributed
@@ -56,6 +59,33 @@ def gradients(build: Callable, part: slice, wrap: Callable) -> dict:
     adapter.attach(model, c=C_ROWS[part])
     wrapped = wrap(model)
     _loss(wrapped, tiny.tokens(batch=BATCH)[part]).backward()
+    return {n: full_tensor(p.grad) for n, p in adapter.named_parameters()}
+
+
+def enable_checkpointing(model, reentrant: bool) -> None:
+    """transformers' gradient checkpointing, under its new name (v5) or its old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    kwargs = {"use_reentrant": reentrant}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def plus_minus_gradients(part: slice, wrap: Callable, checkpointing: bool) -> dict:
+    """The README's ±c step — ``+c`` forward, ``set_coeff(-c)``, ``-c`` forward, one backward —
+    optionally under transformers' (non-reentrant) gradient checkpointing."""
+    model = tiny.llama().train()
+    if checkpointing:
+        enable_checkpointing(model, reentrant=False)
+    adapter = lora(model)
+    adapter.train()
+    adapter.attach(model, c=C_ROWS[part])
+    wrapped = wrap(model)
+    x = tiny.tokens(batch=BATCH)[part]
+    plus = _loss(wrapped, x)
+    adapter.set_coeff(-C_ROWS[part])
+    (plus - 0.5 * _loss(wrapped, x)).backward()
     return {n: full_tensor(p.grad) for n, p in adapter.named_parameters()}
 
 
@@ -116,6 +146,7 @@ def reference(tmp: Path) -> dict:
     """The single-process results on the full batch."""
     everything = slice(0, BATCH)
     out = {name: gradients(build, everything, lambda m: m) for name, build in CASES.items()}
+    out["plus_minus"] = plus_minus_gradients(everything, lambda m: m, checkpointing=False)
     out["outputs"] = train_save_load(everything, lambda m: m, tmp, "single")
     return out
 
@@ -131,7 +162,7 @@ def _contents(path: Path) -> tuple[dict, bytes]:
 def check_against(reference: dict, results: list[dict], tmp: Path, tag: str) -> None:
     """Every rank's gradients equal the reference; its saved files equal the single process's."""
     for rank, got in enumerate(results):
-        for case in CASES:
+        for case in (*CASES, "plus_minus"):  # plus_minus: checkpointed on the ranks, not here
             want = reference[case]
             assert got[case].keys() == want.keys(), (rank, case)
             assert any(g.abs().sum() > 0 for g in want.values())
@@ -163,3 +194,30 @@ def _assert_same_tensors(got: dict, want: dict) -> None:
         for role in want[name]:
             # fp32 tolerance: one SGD step on gradients summed across ranks in another order
             torch.testing.assert_close(got[name][role], want[name][role], msg=f"{name}.{role}")
+
+
+def _rank(rank: int, world: int, tmp: str, strategy: str, extra: Callable) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        part = rows(rank, world)
+        wrap = functools.partial(distributed.parallelize, strategy=strategy)
+        out = {name: gradients(build, part, wrap) for name, build in CASES.items()}
+        out["plus_minus"] = plus_minus_gradients(part, wrap, checkpointing=True)
+        sharded = strategy == "fsdp2"
+        out["outputs"] = train_save_load(part, wrap, Path(tmp), strategy, sharded=sharded)
+        out.update(extra(rank, world))
+        torch.save(out, Path(tmp) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_ranks(tmp: Path, strategy: str, extra: Callable) -> list[dict]:
+    """Every case on 2 gloo ranks wrapped by ``parallelize(model, strategy)``, checked against
+    the single-process reference; ``extra(rank, world)`` adds that test's own results."""
+    want = reference(tmp)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank, args=(2, str(tmp), strategy, extra), nprocs=2, join=True)
+    results = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+    check_against(want, results, tmp, strategy)
+    return results

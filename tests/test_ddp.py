@@ -6,13 +6,7 @@ rank → same outputs; accelerate's ``prepare(model, optimizer)`` takes the same
 adapter attached after DDP wrapped the model is refused.
 """
 
-import os
-from pathlib import Path
-
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import modlora as ml
@@ -34,29 +28,16 @@ def _refused_after_wrapping() -> str:
     return "not refused"
 
 
-def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
-    try:
-        part = cases.rows(rank, world)
-        wrap = distributed.parallelize  # DistributedDataParallel(model), adapters checked
-        out = {name: cases.gradients(build, part, wrap) for name, build in cases.CASES.items()}
-        out["outputs"] = cases.train_save_load(part, wrap, Path(tmp), "ddp")
-        out["refused"] = _refused_after_wrapping()
-        out["accelerate"] = cases.accelerate_step(part, rank, world)
-        torch.save(out, Path(tmp) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _extra(rank: int, world: int) -> dict:
+    return {
+        "refused": _refused_after_wrapping(),
+        "accelerate": cases.accelerate_step(cases.rows(rank, world), rank, world),
+    }
 
 
 @pytest.mark.slow
 def test_ddp_trains_like_one_process_and_saves_the_same_file(tmp_path):
-    reference = cases.reference(tmp_path)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    cases.check_against(reference, results, tmp_path, "ddp")
-    for got in results:
+    for got in cases.run_on_two_ranks(tmp_path, "ddp", _extra):  # accelerate checked there too
         assert "were not in the model when DistributedDataParallel wrapped it" in got["refused"]
 
 

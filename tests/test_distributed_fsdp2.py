@@ -5,13 +5,8 @@ HistoryBake; save (a collective: every rank calls, rank 0 writes the gathered te
 every rank → same outputs; and what cannot work on shards is refused, naming FSDP2.
 """
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import modlora as ml
 from modlora import distributed
@@ -51,26 +46,13 @@ def _on_shards() -> dict:
     }
 
 
-def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
-    try:
-        part = cases.rows(rank, world)
-        out = {name: cases.gradients(build, part, _shard) for name, build in cases.CASES.items()}
-        out["outputs"] = cases.train_save_load(part, _shard, Path(tmp), "fsdp2", sharded=True)
-        out["on_shards"] = _on_shards()
-        torch.save(out, Path(tmp) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _extra(rank: int, world: int) -> dict:
+    return {"on_shards": _on_shards()}
 
 
 @pytest.mark.slow
 def test_fsdp2_trains_like_one_process_and_saves_the_same_file(tmp_path):
-    reference = cases.reference(tmp_path)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    cases.check_against(reference, results, tmp_path, "fsdp2")
+    results = cases.run_on_two_ranks(tmp_path, "fsdp2", _extra)
     for got in results:
         shards = got["on_shards"]
         assert shards["delta_factors_equal"]

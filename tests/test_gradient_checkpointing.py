@@ -16,6 +16,7 @@ from torch.utils.checkpoint import CheckpointError, checkpoint
 import modlora as ml
 from modlora import recompute
 from tests import tiny
+from tests.distributed_cases import enable_checkpointing
 
 PLUS = 1.5
 MINUS = -1.5
@@ -34,15 +35,6 @@ def _assert_same(got: dict, want: dict) -> None:
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
     assert any(g.abs().sum() > 0 for g in want.values())
-
-
-def _hf_checkpointing(model, reentrant: bool) -> None:
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    kwargs = {"use_reentrant": reentrant}
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _plus_minus_step(model, adapter, x, plus, minus) -> None:
@@ -65,7 +57,7 @@ def test_plus_minus_pattern_under_hf_checkpointing_gives_the_plain_gradients(ree
     _plus_minus_step(model, lora, x, plus, minus)
     want = _grads(lora)
 
-    _hf_checkpointing(model, reentrant)
+    enable_checkpointing(model, reentrant)
     _plus_minus_step(model, lora, x, plus, minus)
     _assert_same(_grads(lora), want)
     assert not any(lora in log.records for log in recompute._LOGS.values())  # freed with the graph
@@ -125,7 +117,7 @@ def test_backward_after_leaving_the_block_raises_for_reentrant_checkpointing():
     model = tiny.llama().train()
     lora = tiny.signed_lora(model)
     lora.train()
-    _hf_checkpointing(model, reentrant=True)
+    enable_checkpointing(model, reentrant=True)
     messages = []
     sink = logger.add(messages.append, level="WARNING")
     try:
@@ -142,7 +134,7 @@ def test_backward_after_leaving_the_block_raises_for_non_reentrant_checkpointing
     model = tiny.llama().train()
     lora = tiny.signed_lora(model)
     lora.train()
-    _hf_checkpointing(model, reentrant=False)
+    enable_checkpointing(model, reentrant=False)
     with lora(model, c=PLUS):
         loss = model(tiny.tokens()).logits.pow(2).mean()
     with pytest.raises(CheckpointError, match="different number of tensors"):
@@ -159,7 +151,7 @@ def test_leaving_and_reentering_before_the_backward_replays_the_first_block(reen
         model(x).logits.pow(2).mean().backward()
     want = _grads(lora)
 
-    _hf_checkpointing(model, reentrant)
+    enable_checkpointing(model, reentrant)
     with lora(model, c=PLUS):
         loss = model(x).logits.pow(2).mean()
     with lora(model, c=MINUS):  # back in a block (another c) before the backward
