@@ -14,8 +14,6 @@ function, without a live model. Each merged weight is verified against the hook'
 
 import json
 import shutil
-from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from ._types import Coeff
 from .checkpoint import AdapterFactors, read_factors, weight_fingerprint, write_folder
 from .hooks import add_delta
 from .kinds import kind_class
-from .layout import is_conv1d
+from .layout import resolve_target
 from .merge_check import (
     MergeError,
     MergeReport,
@@ -37,87 +35,46 @@ from .merge_check import (
     merged_weight,
     probe_input,
 )
+from .merge_experts import DTYPES, Plan, converted_deltas, merge_converted, merge_fused, plan_fused
+from .model_folder import WEIGHT_SUFFIXES, resolve_key, skeleton_of, weight_files
+from .target import is_conv1d
 
 RECORD_NAME = "modlora_merge.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def resolve_key(name: str, available: Collection[str], what: str = "key", suffix: str = "") -> str:
-    """Find ``name + suffix`` in ``available``, allowing a missing or extra leading prefix.
-
-    The exact key wins; otherwise the one key that ends with ``"." + name + suffix`` or that
-    ``name + suffix`` ends with (``model.layers.0.q_proj`` ↔ ``layers.0.q_proj``).
-
-    Raises:
-        KeyError: no key, or several, match (the candidates are listed).
-    """
-    full = name + suffix
-    if full in available:
-        return full
-    hits = [k for k in available if k.endswith("." + full) or full.endswith("." + k)]
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        raise KeyError(f"{what} for {name!r} is ambiguous: {sorted(hits)[:5]}")
-    raise KeyError(f"no {what} {full!r} (nor one differing only by a prefix such as 'model.')")
-
-
-# ---------------------------------------------------------------------------- model folder
-def _weight_files(model_dir: Path) -> tuple[dict[str, str], dict | None]:
-    """``({key: shard file name}, index json or None)``."""
-    if (model_dir / INDEX_NAME).is_file():
-        index = json.loads((model_dir / INDEX_NAME).read_text())
-        return dict(index["weight_map"]), index
-    if (model_dir / SINGLE_NAME).is_file():
-        with safe_open(str(model_dir / SINGLE_NAME), "pt") as f:
-            return {k: SINGLE_NAME for k in f.keys()}, None  # noqa: SIM118 (safe_open has no __iter__)
-    raise FileNotFoundError(
-        f"{model_dir} has no {SINGLE_NAME} or {INDEX_NAME} (only safetensors folders merge; "
-        "re-save the model with save_pretrained(safe_serialization=True))"
-    )
-
-
-def _skeleton(model_dir: Path):
-    """The model built on the meta device from ``config.json`` (no weights), or ``None``."""
-    try:
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(str(model_dir))
-        cls = getattr(transformers, (config.architectures or [""])[0])
-        with torch.device("meta"):
-            return cls(config), config
-    except Exception as err:  # custom code, no config...: fall back to shapes
-        logger.warning("no model skeleton for {} ({}); orientation from shapes", model_dir, err)
-        return None, None
-
-
-@dataclass(frozen=True)
-class _Plan:
-    name: str
-    key: str
-    shard: str
-    transposed: bool
-    dtype: torch.dtype
 
 
 def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, config) -> dict:
-    """``{target: _Plan}``; every target is checked, the first failure raised listing the rest."""
+    """``{target: [Plan]}``; every target is checked, the first failure raised listing the rest."""
     modules = dict(skeleton.named_modules()) if skeleton is not None else {}
     tied_out = None
     text_config = config.get_text_config() if config is not None else None
     if skeleton is not None and getattr(text_config, "tie_word_embeddings", False):
         tied_out = skeleton.get_output_embeddings()
     headers: dict[str, dict] = {}
+
+    def header(shard: str) -> dict:
+        if shard not in headers:
+            with safe_open(str(model_dir / shard), "pt") as f:
+                headers[shard] = {
+                    k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                    for k in f.keys()  # noqa: SIM118
+                }
+        return headers[shard]
+
     plans, used, errors = {}, {}, []
     for name, (a, b) in adapter.factors.items():
         try:
-            plan = _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers)
-            if plan.key in used:
-                raise MergeError(name, f"maps to {plan.key}, like target {used[plan.key]!r}")
-            used[plan.key], plans[name] = name, plan
+            fused = resolve_target(skeleton, name) if skeleton is not None else None
+            if fused is not None and fused.experts is not None:
+                found = plan_fused(fused, skeleton, weight_map, header, a)
+            elif a.dim() == 3:
+                raise MergeError(name, "a fused expert weight needs the folder's config.json")
+            else:
+                found = [_plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header)]
+            for plan in found:
+                if plan.key in used:
+                    raise MergeError(name, f"maps to {plan.key}, like target {used[plan.key]!r}")
+                used[plan.key] = name
+            plans[name] = found
         except MergeError as err:
             errors.append(err)
     if errors:
@@ -127,7 +84,7 @@ def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, 
     return plans
 
 
-def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers) -> _Plan:
+def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header) -> Plan:
     d_out, d_in = b.shape[0], a.shape[1]
     try:
         transposed = None
@@ -141,13 +98,7 @@ def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers) -> 
     except KeyError as err:
         raise MergeError(name, f"{err.args[0]} in {model_dir}") from None
     shard = weight_map[key]
-    if shard not in headers:
-        with safe_open(str(model_dir / shard), "pt") as f:
-            headers[shard] = {
-                k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                for k in f.keys()  # noqa: SIM118
-            }
-    shape, dtype = headers[shard][key]
+    shape, dtype = header(shard)[key]
     if transposed is None:
         if shape == (d_out, d_in) and d_in == d_out:
             raise MergeError(name, f"cannot tell the orientation of square weight {key}")
@@ -159,20 +110,31 @@ def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers) -> 
             f"shape mismatch: {key} is {shape} in {shard}, the adapter needs {want} "
             f"(A {tuple(a.shape)}, B {tuple(b.shape)})",
         )
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise MergeError(name, f"{key} is stored as {dtype}, not a float weight (quantized?)")
-    return _Plan(name, key, shard, transposed, _DTYPES[dtype])
+    return Plan(name, key, shard, transposed, DTYPES[dtype])
 
 
 def _check_base(model_dir: Path, adapter: AdapterFactors, plans: dict, policy: str) -> None:
-    differ = []
-    for plan in plans.values():
-        expected = adapter.fingerprints.get(plan.name)
+    differ, unchecked = [], []
+    for name, found in plans.items():
+        expected = adapter.fingerprints.get(name)
         if expected is None:
             continue
-        with safe_open(str(model_dir / plan.shard), "pt") as f:
-            if weight_fingerprint(f.get_tensor(plan.key)) != expected:
-                differ.append(plan.name)
+        if found[0].converted:  # the fingerprint is of the fused weight the model holds
+            unchecked.append(name)
+            continue
+        with safe_open(str(model_dir / found[0].shard), "pt") as f:
+            if weight_fingerprint(f.get_tensor(found[0].key)) != expected:
+                differ.append(name)
+    if unchecked and policy != "ignore":
+        logger.warning(
+            "merge_checkpoint: {} fused expert weight(s) are stored per expert in {}; their base "
+            "fingerprints (of the fused weights) are not compared, e.g. {}",
+            len(unchecked),
+            model_dir,
+            unchecked[0],
+        )
     if differ:
         msg = (
             f"{adapter.path} was made on a different base than {model_dir}: {len(differ)} "
@@ -183,7 +145,7 @@ def _check_base(model_dir: Path, adapter: AdapterFactors, plans: dict, policy: s
         logger.warning("{}", msg)
 
 
-def _merge_one(plan: _Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
+def _merge_one(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
     logical = weight.T if plan.transposed else weight  # (d_out, d_in)
     new = merged_weight(logical, a, b)
     if not bool(torch.isfinite(new).all()):
@@ -238,14 +200,16 @@ def merge_checkpoint(
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     if check_base not in (None, "raise", "warn", "ignore"):
         raise ValueError(f"check_base must be 'raise', 'warn' or 'ignore', got {check_base!r}")
-    weight_map, _ = _weight_files(model_dir)
-    skeleton, config = _skeleton(model_dir)
+    weight_map, _ = weight_files(model_dir)
+    skeleton, config = skeleton_of(model_dir)
     names = [n for n, _ in skeleton.named_modules()] if skeleton is not None else None
     adapter = read_factors(adapter_path, c, names)
     plans = _plan(model_dir, adapter, weight_map, skeleton, config)
     _check_base(model_dir, adapter, plans, check_base or kind_class(adapter.kind).base_check)
+    n_tensors = sum(len(found) for found in plans.values())
 
     results: dict = {}
+    pieces: dict = {}  # {fused target: {disk key: delta}} while its shards are written
     summary = json.dumps({"adapter": adapter.path.name, "kind": adapter.kind, "c": adapter.c})
 
     def write(tmp: Path) -> None:
@@ -253,44 +217,55 @@ def merge_checkpoint(
             with safe_open(str(model_dir / shard), "pt") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            for plan in (p for p in plans.values() if p.shard == shard):
+            for plan in (p for found in plans.values() for p in found if p.shard == shard):
                 a, b = adapter.factors[plan.name]
-                tensors[plan.key], results[plan.name] = _merge_one(
-                    plan, tensors[plan.key], a, b, rtol
-                )
+                weight = tensors[plan.key]
+                if plan.converted:  # one expert's piece of a fused weight stored per expert
+                    if plan.name not in pieces:
+                        target = resolve_target(skeleton, plan.name)
+                        pieces[plan.name] = converted_deltas(target, skeleton, a, b)
+                    delta = pieces[plan.name].pop(plan.key)
+                    tensors[plan.key], results[plan.key] = merge_converted(
+                        plan, weight, delta, rtol
+                    )
+                elif plan.experts is not None:
+                    tensors[plan.key], results[plan.name] = merge_fused(plan, weight, a, b, rtol)
+                else:
+                    tensors[plan.key], results[plan.name] = _merge_one(plan, weight, a, b, rtol)
             save_file(tensors, str(tmp / shard), metadata={**meta, "modlora_merge": summary})
             del tensors
         previous = None
         for item in sorted(model_dir.iterdir()):
             if item.name == RECORD_NAME:
                 previous = json.loads(item.read_text())
-            elif item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
+            elif item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)  # config, generation config, index, tokenizer
             elif item.is_dir():
                 logger.warning("merge_checkpoint: not copying sub-folder {}", item)
-        report = _report(adapter, results)
+        report = _report(adapter, results, n_tensors)
         record = {
             "adapter": str(adapter.path.resolve()),
             "base_model_dir": str(model_dir.resolve()),
             **{k: getattr(report, k) for k in ("kind", "c", "attempted", "applied")},
             "worst_rel_error": report.worst_rel_error,
             "below_resolution": list(report.below_resolution),
-            "weights": {p.name: p.key for p in plans.values()},
+            "weights": {n: [p.key for p in found] for n, found in plans.items()},
             "previous": previous,
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
     write_folder(out_dir, write, overwrite)
-    return _report(adapter, results)
+    return _report(adapter, results, n_tensors)
 
 
-def _report(adapter: AdapterFactors, results: dict) -> MergeReport:
+def _report(adapter: AdapterFactors, results: dict, attempted: int) -> MergeReport:
+    """The report; ``attempted`` counts on-disk tensors (one per expert when stored so)."""
     nonzero = {n: r for n, (r, _) in results.items() if r > 0}
     worst = max(nonzero, key=nonzero.get) if nonzero else None
     return MergeReport(
         kind=adapter.kind,
         c=adapter.c,
-        attempted=len(adapter.factors),
+        attempted=attempted,
         applied=len(results),
         worst_rel_error=nonzero[worst] if worst else 0.0,
         worst_target=worst,

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from ._types import Coeff
 from .adapter import LowRankAdapter
 from .checkpoint import write_folder
-from .layout import is_target_type, make_target, unwrap_model
+from .layout import resolve_target, unwrap_model
 from .lora import ModulatedLoRA
-from .merge_checkpoint import resolve_key
+from .model_folder import resolve_key
+from .peft_experts import from_peft, key_stems, resolve_stem, split_stem, to_peft
 from .ranks import infer_rank
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,7 +42,7 @@ _KEY = re.compile(r"^(?P<name>.+)\.(?P<role>lora_A|lora_B)\.weight$")
 _NEUTRAL = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
     "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules",
-    "exclude_modules", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
+    "exclude_modules", "target_parameters", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "modules_to_save",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core",
     "qalora_group_size", "ensure_weight_tying", "runtime_config",
@@ -88,14 +89,19 @@ def export_peft(
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    stems = key_stems(adapter.layout)  # fused expert weights: PEFT's target_parameters keys
     with torch.no_grad():
         for name, part in adapter.named_parts():
             a, b, scale = part.checked_factors()
-            ranks[name] = a.shape[0]
-            alphas[name] = float(f"{scale * a.shape[0]:.12g}")  # PEFT's scaling = alpha / r
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-            b_c = (b.detach().float() * value).cpu().contiguous()  # c folded into B
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = b_c
+            rank = a.shape[-2]
+            ranks[name] = rank
+            alphas[name] = float(f"{scale * rank:.12g}")  # PEFT's scaling = alpha / r
+            a, b = a.detach().float(), b.detach().float() * value  # c folded into B
+            if name in stems:
+                a, b = to_peft(a, b)
+            stem = stems.get(name, f"{name}.")
+            tensors[f"{PREFIX}{stem}lora_A.weight"] = a.cpu().contiguous()
+            tensors[f"{PREFIX}{stem}lora_B.weight"] = b.cpu().contiguous()
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     rank_pattern = {n: k for n, k in ranks.items() if k != r}
@@ -116,10 +122,11 @@ def export_peft(
         "r": r,
         "lora_alpha": _number(alpha),
         "lora_dropout": getattr(adapter, "dropout_p", 0.0),
-        "target_modules": adapter.layout.names,
+        "target_modules": [n for n in adapter.layout.names if n not in stems],
+        "target_parameters": list(stems) or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(t.transposed for t in adapter.layout),
+        "fan_in_fan_out": any(t.transposed for t in adapter.layout if t.param is None),
         "init_lora_weights": True,
         "bias": "none",
         "use_dora": False,
@@ -224,13 +231,18 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
     resolved, missing = {}, []
+    parameters = config.get("target_parameters") or []
     for peft_name, pair in factors.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{peft_dir}: target {peft_name!r} has only {sorted(pair)}")
+        wrapped, depth = split_stem(peft_name)  # target_parameters nest ParamWrappers
         try:
-            resolved[peft_name] = resolve_key(peft_name, modules, what="module")
+            module_name = resolve_key(wrapped, modules, what="module")
         except KeyError as err:
             missing.append(err.args[0])
+            continue
+        fused = resolve_stem(module_name, depth, parameters, modules)
+        resolved[peft_name] = fused or module_name
     if missing:
         raise ValueError(
             f"{peft_dir} does not fit this {type(model).__name__}: {len(missing)} target(s) "
@@ -239,15 +251,17 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     names, ranks, alphas, loaded = [], {}, {}, {}
     for peft_name, pair in factors.items():
         name = resolved[peft_name]
-        module = modules[name]
-        if not is_target_type(module):
+        t = resolve_target(model, name)
+        if t is None:
             raise ValueError(
-                f"PEFT target {peft_name!r} is a {type(module).__name__}; only nn.Linear and "
-                "Conv1D layers import"
+                f"PEFT target {peft_name!r} is a {type(modules[name]).__name__}; only nn.Linear, "
+                "Conv1D and fused expert weights import"
             )
-        t = make_target(name, module, None)
-        key_r = pattern_key(rank_pattern, peft_name)
-        key_a = pattern_key(alpha_pattern, peft_name)
+        if t.experts is not None:
+            lora_a, lora_b = from_peft(pair["lora_A"], pair["lora_B"], t.experts)
+            pair = {"lora_A": lora_a, "lora_B": lora_b}
+        key_r = pattern_key(rank_pattern, name if t.experts else peft_name)
+        key_a = pattern_key(alpha_pattern, name if t.experts else peft_name)
         rank = infer_rank(
             peft_name,
             pair["lora_A"],

@@ -42,6 +42,16 @@ def any_sharded(tensors) -> bool:
     return any(is_dtensor(t) for t in tensors)
 
 
+def unmergeable_shard(weight) -> str:
+    """Why a merge cannot write into ``weight``, an FSDP2 shard (a ``DTensor``)."""
+    return (
+        f"its weight is sharded by FSDP2 (a DTensor, {weight.placements} over "
+        f"{weight.device_mesh.size()} ranks): this process holds only a slice of it. Merge on an "
+        "unsharded model (e.g. load the saved adapter in one process) or offline with "
+        "merge_checkpoint"
+    )
+
+
 def process_group_size() -> int:
     """World size of the default process group (1 when torch.distributed is not initialised)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

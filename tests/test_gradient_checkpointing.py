@@ -63,6 +63,22 @@ def test_plus_minus_pattern_under_hf_checkpointing_gives_the_plain_gradients(ree
     assert not any(lora in log.records for log in recompute._LOGS.values())  # freed with the graph
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_plus_minus_pattern_on_fused_moe_experts(reentrant):
+    """Mixtral's fused 3-D expert weights are adapted by the experts hooks (before and after the
+    experts module's forward): their recomputation replays the original c too."""
+    x = tiny.tokens()
+    model = tiny.mixtral().train()
+    lora = tiny.signed_lora(model, targets=("experts",))
+    lora.train()
+    _plus_minus_step(model, lora, x, PLUS, MINUS)
+    want = _grads(lora)
+
+    enable_checkpointing(model, reentrant)
+    _plus_minus_step(model, lora, x, PLUS, MINUS)
+    _assert_same(_grads(lora), want)
+
+
 class _Stack(nn.Module):
     """Four linear layers, each called through ``torch.utils.checkpoint`` when ``flavour`` is set."""
 

@@ -44,7 +44,7 @@ def save_adapter(
     """
     sharded = any_sharded(
         [t for ts in adapter.target_tensors().values() for t in ts.values()]
-        + [target.module.weight for target in adapter.layout]  # fingerprinted
+        + [target.weight for target in adapter.layout]  # fingerprinted
     )
     if not sharded and process_rank() == 0:
         check_destination(path)  # early; under FSDP2 rank 0 must first join the gathers

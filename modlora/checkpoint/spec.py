@@ -81,7 +81,7 @@ def base_fingerprints(adapter) -> dict[str, str | None]:
     """``{target: fingerprint of its base weight}`` (``None`` where the weight is not in memory)."""
     out = {}
     for target in adapter.layout:
-        weight = target.module.weight
+        weight = target.weight
         out[target.name] = None if weight.device.type == "meta" else weight_fingerprint(weight)
     return out
 

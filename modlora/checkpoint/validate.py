@@ -14,9 +14,10 @@ import torch
 from loguru import logger
 from torch import nn
 
-from ..fit import fit_problems
-from ..layout import find_targets, make_target, unwrap_model
+from ..fit import factor_shape, fit_problems
+from ..layout import find_targets, resolve_target, unwrap_model
 from ..ranks import infer_rank
+from ..target import make_target
 from .io import CheckpointError, weight_fingerprint
 from .spec import Spec
 
@@ -79,12 +80,11 @@ def check_tensors(spec: Spec) -> dict[str, int]:
     return ranks
 
 
-def layer_shapes(spec: Spec) -> dict[str, tuple[int, int]]:
-    """``{target: (d_in, d_out)}`` read from the tensors."""
+def layer_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
+    """``{target: (d_in, d_out[, experts])}`` read from the tensors."""
     down_role, up_role = spec.cls.factor_roles
     return {
-        name: (parts[down_role].shape[-1], parts[up_role].shape[-2])
-        for name, parts in spec.tensors.items()
+        name: factor_shape(parts[down_role], parts[up_role]) for name, parts in spec.tensors.items()
     }
 
 
@@ -134,9 +134,10 @@ def check_base(spec: Spec, model: nn.Module, policy: BaseCheck) -> None:
                 differ.append(f"{name} (|U^T W Vh - S| = {err:.3g})")
     else:
         for name, expected in spec.fingerprints.items():
-            if expected is None or name not in modules:
+            target = resolve_target(model, name) if expected is not None else None
+            if target is None:
                 continue
-            weight = modules[name].weight
+            weight = target.weight
             if weight.device.type == "meta":
                 logger.warning("cannot fingerprint the base weight of {}: it is on meta", name)
                 continue
