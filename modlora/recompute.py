@@ -135,6 +135,12 @@ def _replay(segment, adapter, token) -> State:
     log = _LOGS.get(segment)
     records = None if log is None else log.records.get(adapter)
     if records is None:
+        if log is None and not _reentrant_forward_is_recognised():
+            raise RecomputeError(
+                f"{type(adapter).__name__}: this torch ({torch.__version__}) runs an autograd "
+                "Function's forward with forward-mode AD on, so modlora cannot record reentrant "
+                "checkpointed forwards; use use_reentrant=False"
+            )
         return OFF  # not attached when the segment first ran: it added nothing then
     last, index = log.cursors.get(adapter, (None, 0))
     if last is not token and last != token:
@@ -148,6 +154,30 @@ def _replay(segment, adapter, token) -> State:
     log.cursors[adapter] = (token, index + 1)
     log.done = True  # the backward reached the segment: its recomputation is under way
     return records[index]
+
+
+_RECOGNISED: list[bool] = []
+
+
+def _reentrant_forward_is_recognised() -> bool:
+    """Whether an autograd Function's forward runs with both gradient modes off (how
+    :func:`no_grad_state` tells a reentrant checkpoint's forward from a ``no_grad`` one); probed
+    once."""
+    if not _RECOGNISED:
+
+        class Probe(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                _RECOGNISED.append(not torch._C._is_fwd_grad_enabled())
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad
+
+        with torch.enable_grad():
+            Probe.apply(torch.zeros(1, requires_grad=True))
+    return _RECOGNISED[0]
 
 
 def grad_state(adapter) -> State:

@@ -208,3 +208,20 @@ def test_a_recomputation_that_runs_the_adapter_more_often_raises():
         y = checkpoint(segment, x, use_reentrant=True)
         with pytest.raises(recompute.RecomputeError, match="more often"):
             F.mse_loss(y, torch.zeros_like(y)).backward()
+
+
+def test_a_torch_whose_function_forward_keeps_forward_ad_on_raises_instead_of_guessing(
+    monkeypatch,
+):
+    """Reentrant forwards are told from no_grad ones by forward-mode AD being off inside an
+    autograd Function; were a torch to keep it on, no record is made, and the recomputation
+    raises rather than drop the adapter."""
+    monkeypatch.setattr(recompute, "_RECOGNISED", [False])
+    torch.manual_seed(0)
+    model = _Stack()
+    model.flavour = True
+    x = torch.randn(3, 8, requires_grad=True)
+    lora = ml.ModulatedLoRA(model, r=2, init="signed", targets=("layers",))
+    loss = model(x).pow(2).sum()  # forward before the attach: nothing recorded
+    with lora(model, c=1.0), pytest.raises(recompute.RecomputeError, match="use_reentrant=False"):
+        loss.backward()
