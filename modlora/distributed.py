@@ -14,8 +14,8 @@ The rules (see README, "Distributed training"):
    :func:`~modlora.merge_checkpoint`); a sharded weight is refused, naming FSDP2.
 
 :func:`setup` starts the process group from the ``torchrun`` / SLURM environment and
-:func:`parallelize` wraps the model; :func:`is_main_process`, :func:`barrier` and
-:func:`mean_over_ranks` are what a training script needs around them; :func:`load_into` puts a
+:func:`parallelize` wraps the model; :func:`is_main_process`, :func:`barrier`,
+:func:`share_from_rank0` and :func:`mean_over_ranks` are what a training script needs around them; :func:`load_into` puts a
 saved adapter's tensors back into the adapter being trained (also when wrapped or sharded).
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
@@ -88,6 +88,16 @@ def barrier() -> None:
     """Wait for every rank (nothing to wait for when not distributed)."""
     if process_group_size() > 1:
         torch.distributed.barrier()
+
+
+def share_from_rank0(value):
+    """Rank 0's ``value`` (any picklable object) on every rank, e.g. the run folder rank 0 made
+    (a collective; ``value`` itself when alone)."""
+    if process_group_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_over_ranks(value: float | torch.Tensor) -> float:

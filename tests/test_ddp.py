@@ -7,6 +7,7 @@ adapter attached after DDP wrapped the model is refused.
 """
 
 import pytest
+import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import modlora as ml
@@ -32,13 +33,19 @@ def _extra(rank: int, world: int) -> dict:
     return {
         "refused": _refused_after_wrapping(),
         "accelerate": cases.accelerate_step(cases.rows(rank, world), rank, world),
+        "shared": distributed.share_from_rank0(f"run folder of rank {rank}"),
+        "mean": distributed.mean_over_ranks(float(rank)),
+        "main": distributed.is_main_process(),
     }
 
 
 @pytest.mark.slow
 def test_ddp_trains_like_one_process_and_saves_the_same_file(tmp_path):
-    for got in cases.run_on_two_ranks(tmp_path, "ddp", _extra):  # accelerate checked there too
+    results = cases.run_on_two_ranks(tmp_path, "ddp", _extra)  # accelerate checked there too
+    for rank, got in enumerate(results):
         assert "were not in the model when DistributedDataParallel wrapped it" in got["refused"]
+        assert got["shared"] == "run folder of rank 0" and got["mean"] == 0.5
+        assert got["main"] == (rank == 0)
 
 
 def test_parallelize_refuses_a_model_without_an_attached_adapter():
@@ -48,3 +55,14 @@ def test_parallelize_refuses_a_model_without_an_attached_adapter():
         distributed.parallelize(model, "ddp")
     with pytest.raises(ValueError, match="strategy must be one of"):
         distributed.parallelize(model, "zero3")
+
+
+def test_setup_and_helpers_in_a_single_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = distributed.setup()  # nothing to start: one process
+    assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
+    assert not torch.distributed.is_initialized()
+    assert distributed.is_main_process()
+    assert distributed.share_from_rank0({"dir": "x"}) == {"dir": "x"}
+    assert distributed.mean_over_ranks(torch.tensor(2.5)) == 2.5
+    distributed.barrier()  # no-op
