@@ -54,42 +54,50 @@ def _factor_diff(lora, peft_model) -> float:
     return worst
 
 
-def _worker(rank: int, tmp: str, spec: dict, shape: tuple, repeats: int, r: int) -> None:
+def measure(rank: int, spec: dict, shape: tuple, repeats: int, r: int = 16) -> dict:
+    """Rank ``rank``'s part of the case, in a running process group: ``{"samples", "check"}``."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    world = dist.get_world_size()
+    base = llama_shaped(**spec)
+    lora = signed_lora(base, r=r)
+    twin = peft_twin(clone(base), lora).train()
+    lora.train().attach(base, c=1.0)
+    hooked = DistributedDataParallel(base)
+    peft_ddp = DistributedDataParallel(twin)
+    batch, seq = shape
+    inputs = token_inputs(spec["vocab"], batch * world, seq)
+    inputs = {k: v[rank * batch : (rank + 1) * batch] for k, v in inputs.items()}
+    opts = {
+        name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=LR)
+        for name, m in (("hooked", hooked), ("peft", peft_ddp))
+    }
+    steps = {
+        "hooked": _step(hooked, opts["hooked"], inputs),
+        "peft": _step(peft_ddp, opts["peft"], inputs),
+    }
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    steps["hooked"]()
+    steps["peft"]()
+    moved = max(max_abs_diff(p.detach(), before[n]) for n, p in lora.named_parameters())
+    check = {
+        "factors_after_one_step_max_abs": _factor_diff(lora, peft_ddp),
+        "factors_moved_by_the_step_max_abs": moved,  # the step did change them
+    }
+    cases = {name: Case(run, setup=dist.barrier) for name, run in steps.items()}
+    return {"samples": interleave(cases, repeats, warmup=1), "check": check}
+
+
+def _worker(rank: int, tmp: str, spec: dict, shape: tuple, repeats: int, r: int) -> None:
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD)
     try:
-        base = llama_shaped(**spec)
-        lora = signed_lora(base, r=r)
-        twin = peft_twin(clone(base), lora).train()
-        lora.train().attach(base, c=1.0)
-        hooked = DistributedDataParallel(base)
-        peft_ddp = DistributedDataParallel(twin)
-        batch, seq = shape
-        inputs = token_inputs(spec["vocab"], batch * WORLD, seq)
-        inputs = {k: v[rank * batch : (rank + 1) * batch] for k, v in inputs.items()}
-        opts = {
-            name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=LR)
-            for name, m in (("hooked", hooked), ("peft", peft_ddp))
-        }
-        steps = {
-            "hooked": _step(hooked, opts["hooked"], inputs),
-            "peft": _step(peft_ddp, opts["peft"], inputs),
-        }
-        before = {n: p.detach().clone() for n, p in lora.named_parameters()}
-        steps["hooked"]()
-        steps["peft"]()
-        moved = max(max_abs_diff(p.detach(), before[n]) for n, p in lora.named_parameters())
-        check = {
-            "factors_after_one_step_max_abs": _factor_diff(lora, peft_ddp),
-            "factors_moved_by_the_step_max_abs": moved,  # the step did change them
-        }
-        cases = {name: Case(run, setup=dist.barrier) for name, run in steps.items()}
-        samples = interleave(cases, repeats, warmup=1)
+        out = measure(rank, spec, shape, repeats, r)
         if rank == 0:
-            torch.save({"samples": samples, "check": check}, Path(tmp) / "rank0.pt")
+            torch.save(out, Path(tmp) / "rank0.pt")
     finally:
         dist.destroy_process_group()
 
@@ -102,6 +110,11 @@ def ddp_case(spec: dict, shape: tuple[int, int], repeats: int, r: int = 16) -> d
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(tmp, spec, shape, repeats, r), nprocs=WORLD, join=True)
         out = torch.load(Path(tmp) / "rank0.pt")
+    return summarise(out, spec, shape, r)
+
+
+def summarise(out: dict, spec: dict, shape: tuple[int, int], r: int) -> dict:
+    """The case's result from rank 0's :func:`measure` output."""
     samples = out["samples"]
     result = {
         "world_size": WORLD,

@@ -2,8 +2,8 @@
 
 One spawn runs every case (process start-up dominates): LoRA with per-sample ±c rows, PiSSA,
 a new round on top of a HistoryBake, then save (every rank calls, rank 0 writes) → load on every
-rank → same outputs; accelerate's ``prepare(model, optimizer)`` takes the same step; and an
-adapter attached after DDP wrapped the model is refused.
+rank → same outputs; accelerate's ``prepare(model, optimizer)`` takes the same step; an adapter
+attached after DDP wrapped the model is refused; and the DDP benchmark's measurement runs once.
 """
 
 import pytest
@@ -11,9 +11,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import modlora as ml
+from benchmarks import ddp_step
 from modlora import distributed
 from tests import distributed_cases as cases
 from tests import tiny
+
+BENCH_SPEC = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 128}
 
 
 def _refused_after_wrapping() -> str:
@@ -36,6 +39,7 @@ def _extra(rank: int, world: int) -> dict:
         "shared": distributed.share_from_rank0(f"run folder of rank {rank}"),
         "mean": distributed.mean_over_ranks(float(rank)),
         "main": distributed.is_main_process(),
+        "benchmark": ddp_step.measure(rank, BENCH_SPEC, (1, 8), repeats=1, r=4),
     }
 
 
@@ -46,6 +50,12 @@ def test_ddp_trains_like_one_process_and_saves_the_same_file(tmp_path):
         assert "were not in the model when DistributedDataParallel wrapped it" in got["refused"]
         assert got["shared"] == "run folder of rank 0" and got["mean"] == 0.5
         assert got["main"] == (rank == 0)
+        # The benchmark's two steps (hooked LoRA, PEFT LoRA with the same factors) under DDP:
+        # the same update up to fp32 summation order, and an update there was.
+        check = got["benchmark"]["check"]
+        assert check["factors_after_one_step_max_abs"] < 1e-6
+        assert check["factors_moved_by_the_step_max_abs"] > 0
+        assert {len(v["wall"]) for v in got["benchmark"]["samples"].values()} == {1}
 
 
 def test_parallelize_refuses_a_model_without_an_attached_adapter():
