@@ -174,6 +174,20 @@ def targets(results: dict) -> list[dict]:
                 else "",
             )
         )
+    ddp = _get(results, "ddp", "clocks", "wall")
+    if ddp:
+        band = ddp["hooked_vs_peft_iqr"]
+        out.append(
+            _target(
+                "2-process DDP training step: hooked LoRA r=16 / PEFT LoRA r=16",
+                "<= 1.0",
+                ddp["hooked_vs_peft"],
+                ddp["hooked_vs_peft"] <= 1.0,
+                f"wall time on rank 0; per-round IQR {band[0]:.3f}–{band[1]:.3f}, ratio of minima "
+                f"{_x(ddp['hooked_vs_peft_min'])}; process CPU time "
+                f"{results['ddp']['clocks']['cpu']['hooked_vs_peft']:.3f}",
+            )
+        )
     return out
 
 
@@ -434,6 +448,30 @@ def markdown(results: dict) -> str:
             f"Both save and load fingerprint every target's base weight: one pass over the "
             f"{ck['targets']} weights takes {_ms(c['fingerprints'], clock)} ms.",
         ]
+    ddp = results.get("ddp")
+    if ddp:
+        shape = "×".join(str(d) for d in ddp["per_rank_input_shape"])
+        spec = ddp["model"]
+        lines += [
+            "",
+            f"### 8. DDP training step, {ddp['world_size']} processes ({ddp['backend']}, "
+            f"{ddp['threads_per_rank']} thread each), LoRA r={ddp['r']} (ms, rank 0)",
+            "",
+            f"Llama-shaped, hidden {spec['hidden']}, {spec.get('layers', 2)} layers; {shape} "
+            "tokens per rank; zero_grad + forward + backward (all-reduce) + SGD step. After one "
+            "step from the same factors, hooked and PEFT factors differ by at most "
+            f"{ddp['check']['factors_after_one_step_max_abs']:.1e}.",
+            "",
+            "| clock | hooked LoRA | PEFT LoRA | hooked / PEFT | per-round IQR | ratio of minima |",
+            "|---|---|---|---|---|---|",
+        ]
+        for clock, d in ddp["clocks"].items():
+            c, band = d["cases"], d["hooked_vs_peft_iqr"]
+            lines.append(
+                f"| {clock} | {_ms(c['hooked'], clock)} | {_ms(c['peft'], clock)} "
+                f"| **{d['hooked_vs_peft']:.3f}** | {band[0]:.3f}–{band[1]:.3f} "
+                f"| {d['hooked_vs_peft_min']:.3f} |"
+            )
     notes = results.get("notes") or []
     if notes:
         lines += ["", "### Notes", ""] + [f"- {n}" for n in notes]

@@ -29,6 +29,7 @@ CASES = (
     "calibration",
     "compile",
     "checkpoint",
+    "ddp",
 )
 
 # Per mode: the shapes and repeats of every case.
@@ -63,6 +64,8 @@ SETTINGS = {
         "calibration_tokens": (1_000, 3_000, 10_000, 30_000, 100_000),
         "checkpoint_layers": 32,
         "checkpoint_repeats": 7,
+        "ddp_tokens": (2, 128),  # per rank
+        "ddp_repeats": 11,
     },
     "quick": {
         "minilm_batch": 32,
@@ -84,6 +87,8 @@ SETTINGS = {
         "calibration_tokens": (1_000, 10_000),
         "checkpoint_layers": 16,
         "checkpoint_repeats": 3,
+        "ddp_tokens": (2, 128),
+        "ddp_repeats": 5,
     },
     "smoke": {
         "minilm_batch": 4,
@@ -104,6 +109,8 @@ SETTINGS = {
         "calibration_tokens": (256, 512),
         "checkpoint_layers": 2,
         "checkpoint_repeats": 1,
+        "ddp_tokens": (1, 8),
+        "ddp_repeats": 1,
     },
 }
 CALIBRATION_MODEL = {"hidden": 256, "layers": 2, "heads": 4, "kv_heads": 4, "vocab": 1000}
@@ -166,7 +173,15 @@ def run(mode: str = "full", only=CASES, clock: str = "cpu", threads: int = 1) ->
 
     A case that raises is recorded under ``results["errors"]`` and the others still run.
     """
-    from . import calibration_memory, checkpoint_io, compile_recompiles, forward, moe, pissa_svd
+    from . import (
+        calibration_memory,
+        checkpoint_io,
+        compile_recompiles,
+        ddp_step,
+        forward,
+        moe,
+        pissa_svd,
+    )
 
     if mode not in SETTINGS:
         raise ValueError(f"mode must be one of {sorted(SETTINGS)}, got {mode!r}")
@@ -276,6 +291,11 @@ def run(mode: str = "full", only=CASES, clock: str = "cpu", threads: int = 1) ->
             results["checkpoint"] = checkpoint_io.checkpoint_case(
                 _llama(spec, layers=layers), cfg["checkpoint_repeats"], clock
             )
+    if "ddp" in only:
+        shape = cfg["ddp_tokens"]
+        _log(f"ddp: 2 processes (gloo), a training step, {shape} tokens per rank")
+        with guard("ddp"):
+            results["ddp"] = ddp_step.ddp_case(cfg["llama"], shape, cfg["ddp_repeats"])
     results["seconds"] = time.perf_counter() - start
     results["machine"]["load_average_1m_at_end"] = round(common.os.getloadavg()[0], 2)
     results["targets"] = report.targets(results)

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from loguru import logger
 from torch import Tensor, nn
 
 from ._types import Coeff, FactorA, FactorB
@@ -31,10 +30,11 @@ from .checkpoint import load_adapter, save_adapter
 from .coefficient import Coefficient, validate_coeff
 from .experts import ExpertsDeltaHook
 from .hooks import DeltaHook, let_compiled_code_see_hooks
-from .install import check_materialised, free_slot, install, uninstall
+from .install import check_materialised, check_parallel, free_slot, install, uninstall
 from .kinds import AdapterKind
 from .layout import TargetLayout, unwrap_model
 from .part import AdapterStateError, Parts, TargetPart
+from .recompute import note_detach
 from .samples import BatchShape
 
 PARTS = "parts"
@@ -43,14 +43,6 @@ PARTS = "parts"
 
 def describe_model(model: nn.Module) -> str:
     return f"{type(model).__name__} at {id(model):#x}"
-
-
-def _is_checkpointing(model: nn.Module) -> bool:
-    """transformers' activation (gradient) checkpointing flag, under its old or new name."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
 
 
 class LowRankAdapter(AdapterKind, nn.Module):
@@ -87,7 +79,6 @@ class LowRankAdapter(AdapterKind, nn.Module):
         self._slot: str | None = None
         self._hooks: tuple | None = None
         self._handles: list = []
-        self._grad_forward_seen = False
         self.batch_shape = BatchShape()  # the model input's (batch, seq), for per-sample c
         self.eval()
 
@@ -132,14 +123,15 @@ class LowRankAdapter(AdapterKind, nn.Module):
 
         ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)`` with ``c`` and the scale folded in, both
         float32, detached, on the target's device, in the logical ``(d_out, d_in)`` orientation
-        (also for GPT-2 ``Conv1D``, whose weight is stored transposed).
+        (also for GPT-2 ``Conv1D``, whose weight is stored transposed). Under FSDP2 the shards
+        are gathered, so every rank must call it.
         """
         value = validate_coeff(c)
         if not isinstance(value, float):
             raise ValueError("delta_factors needs a scalar c (a merged weight has one delta)")
         out = {}
         for name, part in self.named_parts():
-            a, b, scale = part.checked_factors()
+            a, b, scale = part.full_factors()  # FSDP2 shards are gathered: a collective
             out[name] = (a.float().clone(), b.float() * (value * scale))
         return out
 
@@ -209,16 +201,13 @@ class LowRankAdapter(AdapterKind, nn.Module):
             )
         return plain
 
-    def note_grad_forward(self) -> None:
-        """Called by the hooks on a grad-enabled forward (see :meth:`detach`)."""
-        self._grad_forward_seen = True
-
     def attach(self, model: nn.Module, c: Coeff = 1.0) -> "LowRankAdapter":
         """Register the parts and hooks in the model (persistent form); ``detach()`` removes them.
 
         Raises:
-            AdapterStateError: already attached, tensors never materialised, or one of
-                ``attach_guards`` refused.
+            AdapterStateError: already attached, tensors never materialised, one of
+                ``attach_guards`` refused, or DDP / FSDP2 took the model's parameters before
+                this adapter's were in it (attach first, then wrap or ``fully_shard``).
             ValueError: ``model`` is not the one the adapter was built on, or ``c`` is invalid.
         """
         self.check_model(model)
@@ -231,6 +220,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         for guard in self.attach_guards:
             guard(self)
         check_materialised(self.layout, self.parts, type(self).__name__)
+        check_parallel(model, self.layout, self.parts, type(self).__name__)
         let_compiled_code_see_hooks()
         self.coefficient.set(value)
         for target in self.layout:
@@ -240,7 +230,6 @@ class LowRankAdapter(AdapterKind, nn.Module):
             self._hooks = (DeltaHook(slot), ExpertsDeltaHook(slot))  # time: graphs are reused
         self._handles = install(self.layout, self.parts, self._hooks, self._model, self.batch_shape)
         self._slot = slot
-        self._grad_forward_seen = False
         return self
 
     def detach(self) -> None:
@@ -254,12 +243,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         uninstall(self.layout, self._slot, self._handles)
         self._handles, self._slot = [], None
         let_compiled_code_see_hooks()
-        if self._grad_forward_seen and _is_checkpointing(self._model):
-            logger.warning(
-                "{} detached from a gradient-checkpointed model after a grad-enabled forward: "
-                "run backward inside the with-block, or the recomputed forward has no adapter",
-                type(self).__name__,
-            )
+        note_detach(self)  # a checkpointed forward still awaiting its backward needs the hooks
 
     @contextmanager
     def _attached(self, model: nn.Module, c: Coeff) -> Iterator["LowRankAdapter"]:

@@ -59,8 +59,8 @@ class Coefficient:
         value = validate_coeff(c)
         if isinstance(value, float):
             self._scalar, self._per_sample = value, None
-        else:
-            self._scalar, self._per_sample = None, value
+        else:  # a copy of its own, never written in place: snapshots may keep it
+            self._scalar, self._per_sample = None, value.clone()
         with torch.inference_mode(False), torch.no_grad():
             for device, tensor in list(self._tensors.items()):
                 self._tensors[device] = self._write(tensor, device)
@@ -79,6 +79,12 @@ class Coefficient:
     def value(self) -> float | torch.Tensor:
         """The coefficient: a float, or a ``(batch,)`` tensor (a copy)."""
         return self._scalar if self._scalar is not None else self._per_sample.clone()
+
+    @property
+    def snapshot(self) -> float | torch.Tensor:
+        """The coefficient as it is now, kept valid by later updates (no copy: a per-sample
+        tensor is replaced, never written in place, by :meth:`set`)."""
+        return self._scalar if self._scalar is not None else self._per_sample
 
     @property
     def scalar(self) -> float | None:

@@ -93,8 +93,6 @@ class ExpertsDeltaHook:
         c = current_c(adapter, getattr(module, parts[0][0]).device)
         if c is None or (isinstance(c, Tensor) and c.dim() == 1):
             return  # off, c == 0 (nothing to add), or per-sample (post runs each value)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            adapter.note_grad_forward()
         substitute(module, parts, c)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output):

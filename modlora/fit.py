@@ -14,20 +14,23 @@ from torch import nn
 from .blocks import block_index, find_block_list
 from .layout import TargetLayout, candidate_targets, resolve_target, unwrap_model
 from .ranks import infer_rank
+from .sharding import is_dtensor
 
 
 def require_dense(layout: TargetLayout, purpose: str) -> None:
     """Raise ``TypeError`` listing every target whose dense weight is not in memory.
 
-    Quantized weights (bitsandbytes...) and weights on the meta device (a meta model, or
-    accelerate offloading) cannot serve ``purpose`` (an SVD, a merge...).
+    Quantized weights (bitsandbytes...), weights on the meta device (a meta model, or
+    accelerate offloading) and FSDP2 shards cannot serve ``purpose`` (an SVD, a merge...).
     """
     quantized = [t.name for t in layout if t.quantized]
     absent = [t.name for t in layout if t.offloaded and not t.quantized]
+    sharded = [t.name for t in layout if is_dtensor(t.weight)]
     problems = []
     for names, what, fix in (
         (quantized, "quantized", "load the base unquantized"),
         (absent, "on the meta device (a meta model, or offloaded)", "materialise the model"),
+        (sharded, "sharded by FSDP2 (each rank holds a slice)", "build it before fully_shard"),
     ):
         if names:
             more = "..." if len(names) > 5 else ""

@@ -24,6 +24,7 @@ from loguru import logger
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
+from .recompute import grad_state, no_grad_state
 from .samples import per_row, row_scale
 
 
@@ -83,16 +84,22 @@ def add_delta(
 def current_c(adapter, device: torch.device) -> float | Tensor | None:
     """The coefficient a hook applies now: a Python number, a tensor (``(batch,)``, or 0-d while
     ``torch.compile`` traces, so changing ``c`` does not recompile), or ``None`` when the adapter
-    is switched off, gated off, or at scalar ``c == 0`` (read from a Python mirror: no sync)."""
-    if not adapter.enabled or (adapter.gate is not None and not adapter.gate()):
-        return None
+    is switched off, gated off, or at scalar ``c == 0`` (read from a Python mirror: no sync).
+
+    In the recomputation of a gradient-checkpointed segment it is what the segment's original
+    forward got, whatever happened since (:mod:`modlora.recompute`).
+    """
     coeff = adapter.coefficient
     if torch.compiler.is_compiling():
+        if not adapter.enabled or (adapter.gate is not None and not adapter.gate()):
+            return None
         return coeff.on(device)
-    if coeff.is_zero:
+    applied, c = grad_state(adapter) if torch.is_grad_enabled() else no_grad_state(adapter)
+    if not applied:
         return None
-    c = coeff.scalar
-    return coeff.on(device) if c is None else c
+    if isinstance(c, Tensor):  # per-sample: the current value is on every device already
+        c = coeff.on(device) if c is coeff.snapshot else c.to(device)
+    return c
 
 
 class DeltaHook:
@@ -118,15 +125,12 @@ class DeltaHook:
         if isinstance(c, Tensor) and c.dim() == 1:  # per-sample: c of each row of x
             c = per_row(part.name, x, c, adapter.batch_shape.shape, part.routed)
         a, b, scale = part.checked_factors()
-        inplace = False
-        if torch.compiler.is_compiling():
-            pass  # pure tensor math: no in-place add, no Python-side bookkeeping
-        elif torch.is_grad_enabled():
-            adapter.note_grad_forward()
-        else:
-            inplace = owns_output(module, self) and (
-                not output.is_inference() or torch.is_inference_mode_enabled()
-            )
+        inplace = (  # no autograd, no tracing, and nothing else can hold the output
+            not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and owns_output(module, self)
+            and (not output.is_inference() or torch.is_inference_mode_enabled())
+        )
         dropout = part.dropout if part.training else 0.0
         return add_delta(output, x, a, b, scale, c, dropout=dropout, inplace=inplace)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from .layout import TargetLayout, unwrap_model
 from .part import AdapterStateError, Parts, TargetPart
+from .sharding import fsdp_owner, is_dtensor
 
 
 def free_slot(layout: TargetLayout, base: str) -> str:
@@ -24,12 +25,65 @@ def free_slot(layout: TargetLayout, base: str) -> str:
 def check_materialised(layout: TargetLayout, parts: Parts, what: str) -> None:
     """Refuse parts still on the meta device when their layer computes on a real device."""
     for target in layout:
-        a = parts[target.name].factors()[0]
-        if a.device.type == "meta" and target.device.type != "meta":
+        if parts[target.name].on_meta and target.device.type != "meta":
             raise AdapterStateError(
                 f"{what} holds no values (its tensors are on the meta device) but "
                 f"{target.name!r} computes on {target.device}: call adapter.to_empty(device=...) "
                 "then adapter.reset_parameters() (or load_state_dict) first"
+            )
+
+
+def _ddp_parameters(model: nn.Module) -> set[int] | None:
+    """``id``s of the parameters a ``DistributedDataParallel`` wrapper (possibly inside a
+    ``torch.compile`` wrapper) registered when it was built; ``None`` if ``model`` is none."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            registered = getattr(model, "_module_parameters", None)  # torch's own list
+            return None if registered is None else {id(p) for p in registered}
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+
+
+def check_parallel(model: nn.Module, layout: TargetLayout, parts: Parts, what: str) -> None:
+    """Refuse trainable parameters that DDP or FSDP2 would not synchronise.
+
+    DDP and FSDP2 take the model's parameters when they wrap / shard it; an adapter first
+    attached afterwards would train on each rank alone, its gradients never averaged.
+
+    Raises:
+        AdapterStateError: ``model`` is a DDP wrapper built without the adapter's parameters, or
+            a target sits in a module ``fully_shard`` was applied to while the adapter's
+            parameters are not FSDP2 shards.
+    """
+    trainable = {
+        t.name: [(role, p) for role, p in parts[t.name].named_parameters() if p.requires_grad]
+        for t in layout
+    }
+    registered = _ddp_parameters(model)
+    if registered is not None:
+        missing = [
+            f"{n}.{r}" for n, ps in trainable.items() for r, p in ps if id(p) not in registered
+        ]
+        if missing:
+            raise AdapterStateError(
+                f"{what}'s parameters (e.g. {missing[0]}) were not in the model when "
+                "DistributedDataParallel wrapped it, so their gradients would never be averaged "
+                "across ranks: attach the adapter to the plain model first, then wrap it "
+                "(with-blocks on the wrapper are fine afterwards)"
+            )
+    plain = unwrap_model(model)
+    for target in layout:
+        loose = [role for role, p in trainable[target.name] if not is_dtensor(p)]
+        owner = fsdp_owner(plain, target.name) if loose else None
+        if owner is not None:
+            raise AdapterStateError(
+                f"{what} cannot train on {target.name!r}: the model is already sharded "
+                f"(fully_shard on {owner or 'the root module'!r}) and the adapter's "
+                f"{loose} are not among its shards, so FSDP2 would neither shard nor reduce their "
+                "gradients. Attach the adapter before calling fully_shard (or, for inference "
+                "only, adapter.requires_grad_(False) first)"
             )
 
 

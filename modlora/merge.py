@@ -19,7 +19,8 @@ Decisions:
   until it is unmerged (an ``attach_guards`` entry). ``enabled``/``gate`` are run-time switches
   that a plain weight cannot have: the merge ignores them.
 * Refused before anything is written: quantized or meta/offloaded weights, a weight tied to another
-  parameter (``lm_head`` sharing the embedding), a non-float weight, factors that do not fit.
+  parameter (``lm_head`` sharing the embedding), a non-float weight, factors that do not fit, a
+  weight sharded by FSDP2.
 """
 
 import weakref
@@ -42,6 +43,7 @@ from .merge_check import (
     probe_input,
 )
 from .part import AdapterStateError
+from .sharding import is_dtensor, unmergeable_shard
 from .target import Target, is_quantized_weight
 
 
@@ -193,6 +195,9 @@ def merge(
     if any(m.adapter is adapter for m in stack):
         raise AdapterStateError(f"{kind} is already merged into this model; unmerge() it first")
 
+    for target in adapter.layout:  # before delta_factors, which would gather the shards
+        if is_dtensor(target.weight):
+            raise MergeError(target.name, unmergeable_shard(target.weight))
     factors = adapter.delta_factors(value)
     _validate(model, adapter, factors)
     originals: dict[str, Tensor] = {}

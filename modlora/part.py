@@ -13,6 +13,8 @@ hook finds it.
 import torch
 from torch import Tensor, nn
 
+from .sharding import any_sharded, full_tensor, shard_like
+
 
 class AdapterStateError(RuntimeError):
     """An adapter was used in a state that does not allow it (re-entry, detach when detached,
@@ -53,19 +55,37 @@ class TargetPart(nn.Module):
 
     def checked_factors(self) -> tuple[Tensor, Tensor, float]:
         """:meth:`factors`, refusing tensors that were never given values."""
-        if self.pending_init:
-            a = self.factors()[0]
-            if a.device.type != "meta":
-                raise AdapterStateError(
-                    f"the {type(self.adapter).__name__} part of {self.name!r} was built on the "
-                    "meta device and never initialised: call adapter.reset_parameters() (or "
-                    "load_state_dict) after materialising it"
-                )
+        if self.pending_init and not self.on_meta:
+            raise AdapterStateError(
+                f"the {type(self.adapter).__name__} part of {self.name!r} was built on the "
+                "meta device and never initialised: call adapter.reset_parameters() (or "
+                "load_state_dict) after materialising it"
+            )
         return self.factors()
+
+    def full_factors(self) -> tuple[Tensor, Tensor, float]:
+        """:meth:`checked_factors` of the whole tensors, also when FSDP2 has sharded them.
+
+        Outside a forward, FSDP2 keeps each parameter as a ``DTensor`` shard; they are gathered
+        here (a collective: under FSDP2 every rank must call it) and fed to the kind's pure
+        factor function, the one :meth:`factors` uses too.
+        """
+        tensors = self.tensors()
+        if not any_sharded(tensors.values()):
+            return self.checked_factors()
+        adapter = self.adapter
+        full = {role: full_tensor(t) for role, t in tensors.items()}
+        return type(adapter).target_factors(adapter.config(), self.name, full)
+
+    @property
+    def on_meta(self) -> bool:
+        """The tensors are on the meta device (hold no values)."""
+        return any(t.device.type == "meta" for t in self.tensors().values())
 
     @property
     def rank(self) -> int:
-        return int(self.factors()[0].shape[-2])
+        down = self.tensors()[self.adapter.factor_roles[0]]  # (r, d_in); a shard: global shape
+        return int(down.shape[-2])
 
     def tensors(self) -> dict[str, Tensor]:
         """``{role: tensor}``: parameters and buffers under their role names."""
@@ -77,6 +97,8 @@ class TargetPart(nn.Module):
             self.pending_init = False  # every tensor of the part was given a value
 
     def extra_repr(self) -> str:
+        if any_sharded(self.tensors().values()):
+            return "sharded (FSDP2)"
         a, b, scale = self.factors()
         return f"r={a.shape[-2]}, d_in={a.shape[-1]}, d_out={b.shape[-2]}, scale={scale:g}"
 
@@ -121,6 +143,8 @@ class Parts(nn.Module):
         Raises:
             KeyError: a target or role missing or unexpected; ValueError: a shape mismatch or
                 non-finite values. Checked before anything is copied.
+
+        Whole tensors are cut into the shards of FSDP2-sharded parameters (every rank must load).
         """
         current = self.tensors()
         wrong = sorted(set(current) ^ set(tensors))
@@ -133,7 +157,7 @@ class Parts(nn.Module):
                 _check_value(f"{name}.{role}", tensors[name][role], t)
         for name, part in self.items():
             for role, t in part.tensors().items():
-                t.copy_(tensors[name][role])
+                t.copy_(shard_like(tensors[name][role], t))
             part.pending_init = False
 
 

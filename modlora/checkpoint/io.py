@@ -24,6 +24,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from ..sharding import full_tensor
+
 FULL_HASH_LIMIT = 2**22
 SAMPLE_SIZE = 2**20
 FINGERPRINT_METHOD = "blake2b-128 v1 (full bytes up to 2**22 elements, else 2**20 strided + sums)"
@@ -39,12 +41,13 @@ def weight_fingerprint(weight: Tensor) -> str:
     """A cheap, sensitive identity of a base weight (see the module docstring).
 
     Args:
-        weight: the layer's stored weight (any dtype, any device, as stored: no transpose).
+        weight: the layer's stored weight (any dtype, any device, as stored: no transpose); an
+            FSDP2 shard is gathered first (a collective: every rank must call this).
 
     Returns:
         A 32-character hex digest.
     """
-    w = weight.detach()
+    w = full_tensor(weight.detach())
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{w.dtype}|{tuple(w.shape)}".encode())
     flat = w.reshape(-1)  # (numel,)

@@ -9,6 +9,7 @@ import torch
 
 from ..coefficient import validate_coeff
 from ..kinds import KINDS
+from ..sharding import any_sharded, process_rank, write_on_rank0
 from .io import atomic_write, check_destination
 from .spec import file_tensors, metadata_of
 
@@ -34,8 +35,19 @@ def save_adapter(
     Raises:
         TypeError: an unregistered adapter kind, or ``extra_meta`` that is not a JSON object.
         ValueError: a non-finite ``c`` or non-finite adapter tensors (nothing is written).
+
+    In a multi-process run (``torch.distributed`` initialised) rank 0 alone writes; every rank
+    returns the path. Under FSDP2 the adapter's shards and the base weights (for their
+    fingerprints) are gathered, a collective: call it on every rank; it returns once rank 0 has
+    written (and raises on every rank if rank 0 failed). Unsharded (DDP), calling it on rank 0
+    alone is fine too.
     """
-    check_destination(path)
+    sharded = any_sharded(
+        [t for ts in adapter.target_tensors().values() for t in ts.values()]
+        + [target.weight for target in adapter.layout]  # fingerprinted
+    )
+    if not sharded and process_rank() == 0:
+        check_destination(path)  # early; under FSDP2 rank 0 must first join the gathers
     kind = getattr(adapter, "kind", None)
     if KINDS.get(kind) is not type(adapter):
         raise TypeError(f"cannot save a {type(adapter).__name__}: kinds are {sorted(KINDS)}")
@@ -56,4 +68,4 @@ def save_adapter(
     def write(tmp: Path) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
 
-    return atomic_write(path, write)
+    return write_on_rank0(lambda: atomic_write(path, write), Path(path), collective=sharded)

@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import checks
 from .._version import __version__
 from ..kinds import kind_class
+from ..sharding import full_tensor
 from .io import FINGERPRINT_METHOD, CheckpointError, StoredFile, header_metadata, weight_fingerprint
 
 FORMAT_VERSION = 1
@@ -114,9 +115,10 @@ def metadata_of(
 
 
 def file_tensors(adapter) -> dict[str, Tensor]:
-    """``{"<target>.<role>": tensor}``: detached CPU copies, contiguous, in model order."""
+    """``{"<target>.<role>": tensor}``: detached CPU copies, contiguous, in model order (FSDP2
+    shards gathered whole: a collective)."""
     return {
-        f"{name}.{role}": t.detach().to("cpu", copy=True).contiguous()
+        f"{name}.{role}": full_tensor(t.detach()).to("cpu", copy=True).contiguous()
         for name, tensors in adapter.target_tensors().items()
         for role, t in tensors.items()
     }
