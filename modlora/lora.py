@@ -12,7 +12,7 @@ from .adapter import LowRankAdapter
 from .blocks import DEFAULT_EXCLUDE, LayerRange
 from .kinds import register_kind
 from .layout import find_targets
-from .part import TargetPart
+from .part import TargetPart, freeze_base
 
 Init = Literal["zero", "signed"]
 INITS = ("zero", "signed")
@@ -113,7 +113,7 @@ class ModulatedLoRA(LowRankAdapter):
             alpha = self.alpha_pattern.get(t.name, self.alpha)
             self.add_part(LoRAPart(t, rank, alpha, self.dropout_p, self.dtype))
         self.reset_parameters()
-        model.requires_grad_(False)
+        freeze_base(model)
 
     @staticmethod
     def _checked(r, alpha, dropout, init, dtype, rank_pattern, alpha_pattern) -> dict:

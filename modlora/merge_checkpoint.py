@@ -249,7 +249,10 @@ def merge_checkpoint(
             **{k: getattr(report, k) for k in ("kind", "c", "attempted", "applied")},
             "worst_rel_error": report.worst_rel_error,
             "below_resolution": list(report.below_resolution),
-            "weights": {n: [p.key for p in found] for n, found in plans.items()},
+            "weights": {  # one key per target, a list for a fused weight stored per expert
+                n: found[0].key if len(found) == 1 else [p.key for p in found]
+                for n, found in plans.items()
+            },
             "previous": previous,
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")

@@ -57,17 +57,18 @@ def weight_files(model_dir: Path) -> tuple[dict[str, str], dict | None]:
 def skeleton_of(model_dir: Path):
     """The model built on the meta device from ``config.json`` (no weights), or ``None``.
 
-    The class is the config's ``architectures[0]``, else what ``AutoModelForCausalLM`` (then
-    ``AutoModel``) builds for the config.
+    The class is the config's ``architectures[0]``; a config that names none gets what
+    ``AutoModelForCausalLM`` (then ``AutoModel``) builds for it.
     """
     try:
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(str(model_dir))
-        named = getattr(transformers, (config.architectures or [""])[0], None)
-        with torch.device("meta"):
-            if named is not None:
+        if config.architectures:  # a named class transformers lacks (custom code): no guess
+            named = getattr(transformers, config.architectures[0])
+            with torch.device("meta"):
                 return named(config), config
+        with torch.device("meta"):
             for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
                 try:
                     return auto.from_config(config), config

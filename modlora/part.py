@@ -178,3 +178,12 @@ def _check_incoming_state(module, state_dict, prefix, local_metadata, strict, *_
         value = state_dict.get(key)
         if value is not None:  # torch reports missing keys itself (strict=True)
             _check_value(key, value, current)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze the model's own parameters — not those of adapters attached to it (their parts
+    are in the model's tree while attached, and building another adapter must not freeze them)."""
+    owned = {id(p) for m in model.modules() if isinstance(m, TargetPart) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in owned:
+            p.requires_grad_(False)

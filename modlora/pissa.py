@@ -18,7 +18,7 @@ from .calibration import Calibration
 from .fit import factor_problems, require_dense
 from .kinds import register_kind
 from .layout import find_targets
-from .part import TargetPart
+from .part import TargetPart, freeze_base
 from .ranks import check_rank_vector
 from .selection import (
     SELECTION_SCORES,
@@ -124,7 +124,7 @@ class ModulatedPiSSA(LowRankAdapter):
         for t in layout:
             u, s, vh = (f.to(t.device, self.dtype) for f in factors[t.name])
             self.add_part(PiSSAPart(t.name, u, s, vh, self.delta_s_init))
-        model.requires_grad_(False)
+        freeze_base(model)
 
     @classmethod
     def from_factors(

@@ -133,3 +133,16 @@ def test_wrappers_are_looked_through(llama):
     assert ml.find_targets(compiled).names == lora.layout.names  # no "_orig_mod." prefix
     with lora(compiled, c=1.0):
         assert lora.attached
+
+
+def test_building_another_adapter_keeps_an_attached_one_trainable(llama):
+    first = tiny.signed_lora(llama)
+    first.attach(llama, c=1.0)
+    second = ml.ModulatedLoRA(llama, r=2)  # freezes the base, not the attached adapter
+    pissa = ml.ModulatedPiSSA(llama, r=2)
+    assert all(p.requires_grad for p in first.parameters())
+    assert all(p.requires_grad for p in second.parameters())
+    assert all(p.requires_grad for p in pissa.parameters())
+    base = [p for n, p in llama.named_parameters() if ".modlora_" not in n]
+    assert base and not any(p.requires_grad for p in base)
+    first.detach()
