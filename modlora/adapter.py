@@ -27,6 +27,7 @@ from loguru import logger
 from torch import Tensor, nn
 
 from ._types import Coeff, FactorA, FactorB
+from .applied import refuse_double_delta
 from .checkpoint import load_adapter, save_adapter
 from .coefficient import Coefficient, validate_coeff
 from .hooks import DeltaHook, let_compiled_code_see_hooks
@@ -81,7 +82,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         self.gate = None
         self.deployed_c: float | None = None
         self.extra_meta: dict = {}
-        self.attach_guards: list = []
+        self.attach_guards: list = [refuse_double_delta]
         self._slot: str | None = None
         self._hook: DeltaHook | None = None
         self._handles: list = []

@@ -66,6 +66,14 @@ class AdapterKind:
         shapes, which are checked for every kind)."""
 
     @classmethod
+    def base_problem(
+        cls, config: dict, name: str, tensors: dict[str, Tensor], weight: Tensor
+    ) -> str | None:
+        """Why ``tensors`` cannot have been made on the dense base ``weight (d_out, d_in)``
+        (``None``: no objection). Run on load and offline merge besides the fingerprints."""
+        return None
+
+    @classmethod
     def rebuild(cls, model, layout, config: dict, tensors: dict):
         """The adapter from ``config`` and ``{target: {role: tensor}}`` (validated already; no
         SVD, no random init that moves the caller's RNG)."""
