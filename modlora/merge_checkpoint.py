@@ -4,7 +4,10 @@
 plans every target (weight key, stored shape, orientation) from the safetensors headers and a
 weightless skeleton of the model (``config.json`` on the meta device, to tell GPT-2 ``Conv1D``
 from ``nn.Linear``), checks everything, then rewrites one shard at a time into a temporary folder
-that is renamed to ``out_dir`` only at the end. A failure leaves no ``out_dir``.
+that is swapped in for ``out_dir`` only at the end (:func:`~modlora.checkpoint.write_folder`):
+a failure, or a kill, leaves any previous ``out_dir`` as it was. The merge record
+(``modlora_merge.json``) names the adapter by its tensor digest, so merging a delta into a folder
+that already holds it is refused.
 
 The adapter file is read by :func:`~modlora.checkpoint.read_factors`: the same parsing and
 validation as :func:`~modlora.load_adapter`, and the delta from the stored kind's own factor
@@ -14,8 +17,6 @@ function, without a live model. Each merged weight is verified against the hook'
 
 import json
 import shutil
-from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +27,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ._types import Coeff
-from .checkpoint import AdapterFactors, read_factors, weight_fingerprint, write_folder
+from .checkpoint import AdapterFactors, CheckpointError, read_factors, write_folder
+from .checkpoint.io import as_path
+from .checkpoint.validate import base_differences, report_base
+from .checkpoint.write import MANIFEST
 from .hooks import add_delta
 from .kinds import kind_class
-from .layout import is_conv1d
 from .merge_check import (
     MergeError,
     MergeReport,
@@ -37,153 +40,54 @@ from .merge_check import (
     merged_weight,
     probe_input,
 )
+from .model_folder import Plan, plan, resolve_key, skeleton, weight_files
+
+__all__ = ["merge_checkpoint", "read_factors", "resolve_key"]
 
 RECORD_NAME = "modlora_merge.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def resolve_key(name: str, available: Collection[str], what: str = "key", suffix: str = "") -> str:
-    """Find ``name + suffix`` in ``available``, allowing a missing or extra leading prefix.
-
-    The exact key wins; otherwise the one key that ends with ``"." + name + suffix`` or that
-    ``name + suffix`` ends with (``model.layers.0.q_proj`` ↔ ``layers.0.q_proj``).
-
-    Raises:
-        KeyError: no key, or several, match (the candidates are listed).
-    """
-    full = name + suffix
-    if full in available:
-        return full
-    hits = [k for k in available if k.endswith("." + full) or full.endswith("." + k)]
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        raise KeyError(f"{what} for {name!r} is ambiguous: {sorted(hits)[:5]}")
-    raise KeyError(f"no {what} {full!r} (nor one differing only by a prefix such as 'model.')")
-
-
-# ---------------------------------------------------------------------------- model folder
-def _weight_files(model_dir: Path) -> tuple[dict[str, str], dict | None]:
-    """``({key: shard file name}, index json or None)``."""
-    if (model_dir / INDEX_NAME).is_file():
-        index = json.loads((model_dir / INDEX_NAME).read_text())
-        return dict(index["weight_map"]), index
-    if (model_dir / SINGLE_NAME).is_file():
-        with safe_open(str(model_dir / SINGLE_NAME), "pt") as f:
-            return {k: SINGLE_NAME for k in f.keys()}, None  # noqa: SIM118 (safe_open has no __iter__)
-    raise FileNotFoundError(
-        f"{model_dir} has no {SINGLE_NAME} or {INDEX_NAME} (only safetensors folders merge; "
-        "re-save the model with save_pretrained(safe_serialization=True))"
-    )
-
-
-def _skeleton(model_dir: Path):
-    """The model built on the meta device from ``config.json`` (no weights), or ``None``."""
+def _shard_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of one shard; unreadable data raises naming the shard."""
     try:
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(str(model_dir))
-        cls = getattr(transformers, (config.architectures or [""])[0])
-        with torch.device("meta"):
-            return cls(config), config
-    except Exception as err:  # custom code, no config...: fall back to shapes
-        logger.warning("no model skeleton for {} ({}); orientation from shapes", model_dir, err)
-        return None, None
-
-
-@dataclass(frozen=True)
-class _Plan:
-    name: str
-    key: str
-    shard: str
-    transposed: bool
-    dtype: torch.dtype
-
-
-def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, config) -> dict:
-    """``{target: _Plan}``; every target is checked, the first failure raised listing the rest."""
-    modules = dict(skeleton.named_modules()) if skeleton is not None else {}
-    tied_out = None
-    text_config = config.get_text_config() if config is not None else None
-    if skeleton is not None and getattr(text_config, "tie_word_embeddings", False):
-        tied_out = skeleton.get_output_embeddings()
-    headers: dict[str, dict] = {}
-    plans, used, errors = {}, {}, []
-    for name, (a, b) in adapter.factors.items():
-        try:
-            plan = _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers)
-            if plan.key in used:
-                raise MergeError(name, f"maps to {plan.key}, like target {used[plan.key]!r}")
-            used[plan.key], plans[name] = name, plan
-        except MergeError as err:
-            errors.append(err)
-    if errors:
-        first, rest = errors[0], [str(e) for e in errors[1:]]
-        more = f"; {len(rest)} more target(s) fail too: {rest[:3]}" if rest else ""
-        raise MergeError(first.target, f"{first.reason}{more}", " (nothing written to out_dir)")
-    return plans
-
-
-def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers) -> _Plan:
-    d_out, d_in = b.shape[0], a.shape[1]
-    try:
-        transposed = None
-        key_name = name
-        if modules:
-            key_name = resolve_key(name, modules, "module")
-            if tied_out is not None and modules[key_name] is tied_out:
-                raise MergeError(name, "its weight is tied to the input embedding")
-            transposed = is_conv1d(modules[key_name])
-        key = resolve_key(key_name, weight_map, "weight key", ".weight")
-    except KeyError as err:
-        raise MergeError(name, f"{err.args[0]} in {model_dir}") from None
-    shard = weight_map[key]
-    if shard not in headers:
-        with safe_open(str(model_dir / shard), "pt") as f:
-            headers[shard] = {
-                k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                for k in f.keys()  # noqa: SIM118
-            }
-    shape, dtype = headers[shard][key]
-    if transposed is None:
-        if shape == (d_out, d_in) and d_in == d_out:
-            raise MergeError(name, f"cannot tell the orientation of square weight {key}")
-        transposed = shape == (d_in, d_out)
-    want = (d_in, d_out) if transposed else (d_out, d_in)
-    if shape != want:
-        raise MergeError(
-            name,
-            f"shape mismatch: {key} is {shape} in {shard}, the adapter needs {want} "
-            f"(A {tuple(a.shape)}, B {tuple(b.shape)})",
-        )
-    if dtype not in _DTYPES:
-        raise MergeError(name, f"{key} is stored as {dtype}, not a float weight (quantized?)")
-    return _Plan(name, key, shard, transposed, _DTYPES[dtype])
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable safetensors shard: {err}") from err
 
 
 def _check_base(model_dir: Path, adapter: AdapterFactors, plans: dict, policy: str) -> None:
-    differ = []
-    for plan in plans.values():
-        expected = adapter.fingerprints.get(plan.name)
-        if expected is None:
-            continue
-        with safe_open(str(model_dir / plan.shard), "pt") as f:
-            if weight_fingerprint(f.get_tensor(plan.key)) != expected:
-                differ.append(plan.name)
-    if differ:
-        msg = (
-            f"{adapter.path} was made on a different base than {model_dir}: {len(differ)} "
-            f"target weight(s) differ, e.g. {differ[:3]}"
-        )
-        if policy == "raise":
-            raise ValueError(msg + " (pass check_base='warn' or 'ignore' if intended)")
-        logger.warning("{}", msg)
+    """The loader's base check, on the weights as stored in the folder's shards."""
+    if policy == "ignore":
+        return
+    weights = {}
+    for shard in sorted({p.shard for p in plans.values()}):
+        tensors, _ = _shard_tensors(model_dir / shard)
+        for p in (p for p in plans.values() if p.shard == shard):
+            stored = tensors[p.key]
+            weights[p.name] = (stored, stored.T if p.transposed else stored)
+    report_base(adapter.spec, base_differences(adapter.spec, weights), policy, str(model_dir))
 
 
-def _merge_one(plan: _Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
+def _merged_before(model_dir: Path, identity: str) -> str | None:
+    """The merge record of ``model_dir`` (and the folders it was merged from) that already
+    holds the delta ``identity``, if any."""
+    record_path = model_dir / RECORD_NAME
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{record_path}: unreadable merge record (not JSON)") from None
+    while isinstance(record, dict):
+        if record.get("adapter_digest") == identity:
+            return str(record.get("adapter"))
+        record = record.get("previous")
+    return None
+
+
+def _merge_one(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
     logical = weight.T if plan.transposed else weight  # (d_out, d_in)
     new = merged_weight(logical, a, b)
     if not bool(torch.isfinite(new).all()):
@@ -213,9 +117,11 @@ def merge_checkpoint(
         model_dir: a transformers model folder (``model.safetensors`` or sharded with
             ``model.safetensors.index.json``).
         adapter_path: an adapter file written by ``adapter.save``.
-        out_dir: the folder to create; it loads with ``from_pretrained`` as a plain model.
+        out_dir: the folder to create; it loads with ``from_pretrained`` as a plain model. It
+            may not be, contain or lie inside ``model_dir`` or the adapter file.
         c: the coefficient to bake in; ``None`` uses the adapter's stored deployed ``c``.
-        overwrite: replace an existing ``out_dir`` (only after everything succeeded).
+        overwrite: replace an existing ``out_dir`` that an earlier merge wrote (only after
+            everything succeeded; a folder holding anything else is never replaced).
         check_base: base-weight fingerprint mismatch: ``"raise"`` (PiSSA default), ``"warn"``
             (LoRA / history default) or ``"ignore"``.
         rtol: verification tolerance (see :func:`modlora.merge.check_merged`).
@@ -224,25 +130,32 @@ def merge_checkpoint(
         A :class:`~modlora.merge.MergeReport`; the same facts go to ``out_dir/modlora_merge.json``.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it was not written by
+            an earlier merge (or holds other files too).
         MergeError: a target has no weight key, the wrong shape, a non-float or tied weight, or
             fails verification. Nothing is written.
-        ValueError: a bad adapter file, or (``check_base="raise"``) another base model.
+        CheckpointError: (a ``ValueError``) a bad adapter file, shard or shard index, or
+            (``check_base="raise"``) another base model.
+        ValueError: ``out_dir`` overlaps an input; ``model_dir`` already holds this delta.
     """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir = as_path(model_dir, "model_dir")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model_dir {model_dir} is not a folder")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError("out_dir must differ from model_dir (the base folder is never modified)")
-    if out_dir.exists() and not overwrite:
+    if as_path(out_dir, "out_dir").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     if check_base not in (None, "raise", "warn", "ignore"):
         raise ValueError(f"check_base must be 'raise', 'warn' or 'ignore', got {check_base!r}")
-    weight_map, _ = _weight_files(model_dir)
-    skeleton, config = _skeleton(model_dir)
-    names = [n for n, _ in skeleton.named_modules()] if skeleton is not None else None
+    weight_map, headers = weight_files(model_dir)
+    model, config = skeleton(model_dir)
+    names = [n for n, _ in model.named_modules()] if model is not None else None
     adapter = read_factors(adapter_path, c, names)
-    plans = _plan(model_dir, adapter, weight_map, skeleton, config)
+    earlier = _merged_before(model_dir, adapter.spec.identity)
+    if earlier is not None:
+        raise ValueError(
+            f"{model_dir} already holds this delta (merged from {earlier}, per its "
+            f"{RECORD_NAME}); merging {adapter.path} again would apply it twice"
+        )
+    plans = plan(model_dir, adapter, weight_map, headers, model, config)
     _check_base(model_dir, adapter, plans, check_base or kind_class(adapter.kind).base_check)
 
     results: dict = {}
@@ -250,20 +163,18 @@ def merge_checkpoint(
 
     def write(tmp: Path) -> None:
         for shard in sorted(set(weight_map.values())):  # one shard in memory at a time
-            with safe_open(str(model_dir / shard), "pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            for plan in (p for p in plans.values() if p.shard == shard):
-                a, b = adapter.factors[plan.name]
-                tensors[plan.key], results[plan.name] = _merge_one(
-                    plan, tensors[plan.key], a, b, rtol
-                )
+            tensors, meta = _shard_tensors(model_dir / shard)
+            for p in (p for p in plans.values() if p.shard == shard):
+                a, b = adapter.factors[p.name]
+                tensors[p.key], results[p.name] = _merge_one(p, tensors[p.key], a, b, rtol)
             save_file(tensors, str(tmp / shard), metadata={**meta, "modlora_merge": summary})
             del tensors
         previous = None
         for item in sorted(model_dir.iterdir()):
             if item.name == RECORD_NAME:
                 previous = json.loads(item.read_text())
+            elif item.name == MANIFEST:
+                continue
             elif item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)  # config, generation config, index, tokenizer
             elif item.is_dir():
@@ -271,6 +182,7 @@ def merge_checkpoint(
         report = _report(adapter, results)
         record = {
             "adapter": str(adapter.path.resolve()),
+            "adapter_digest": adapter.spec.identity,
             "base_model_dir": str(model_dir.resolve()),
             **{k: getattr(report, k) for k in ("kind", "c", "attempted", "applied")},
             "worst_rel_error": report.worst_rel_error,
@@ -280,7 +192,14 @@ def merge_checkpoint(
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
-    write_folder(out_dir, write, overwrite)
+    write_folder(
+        out_dir,
+        write,
+        overwrite,
+        writer="merge_checkpoint",
+        protect=(model_dir, adapter.path),
+        legacy=lambda files: RECORD_NAME in files,  # merged folders from before manifests
+    )
     return _report(adapter, results)
 
 

@@ -198,18 +198,25 @@ def legacy_identity(path) -> str:
     return h.hexdigest()
 
 
+def header_only(path) -> dict:
+    """The checked header of a safetensors file, read without its tensor data."""
+    path = as_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no safetensors file at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        data = prefix + f.read(min(n, MAX_HEADER))
+    return read_header(path, data, size)[0]
+
+
 def header_metadata(path) -> dict[str, str]:
     """The str → str metadata of a checkpoint, read from its header alone (metadata checksum
     verified when the file has one)."""
     path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        data = prefix + f.read(min(n, MAX_HEADER))
-    header, _ = read_header(path, data, size)
-    metadata = dict(header.get("__metadata__") or {})
+    metadata = dict(header_only(path).get("__metadata__") or {})
     read_integrity(path, metadata)
     return metadata
