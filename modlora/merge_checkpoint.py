@@ -28,9 +28,9 @@ from torch import Tensor
 
 from ._types import Coeff
 from .checkpoint import AdapterFactors, CheckpointError, read_factors, write_folder
+from .checkpoint.folder import MANIFEST
 from .checkpoint.io import as_path
 from .checkpoint.validate import base_differences, report_base
-from .checkpoint.write import MANIFEST
 from .hooks import add_delta
 from .kinds import kind_class
 from .merge_check import (

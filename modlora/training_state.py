@@ -43,11 +43,11 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import checks
 from .adapter import LowRankAdapter
+from .checkpoint.folder import write_folder
 from .checkpoint.io import as_path, read_file
 from .checkpoint.load import read_spec
 from .checkpoint.spec import metadata_of
 from .checkpoint.validate import check_base, check_model, check_tensors
-from .checkpoint.write import write_folder
 from .rng import capture_rng, restore_rng
 from .state_file import (
     ADAPTER_FILE,

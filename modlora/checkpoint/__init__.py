@@ -20,12 +20,13 @@ Every reader (load, offline merge, resume) goes through ``load.read_spec`` and
 
 from ..digest import sample_fingerprint, weight_fingerprint
 from .factors import AdapterFactors, read_factors
+from .folder import write_folder
 from .io import CheckpointError
 from .load import load_adapter, read_spec
 from .save import save_adapter
 from .spec import FORMAT_VERSION, read_metadata
 from .validate import BaseCheck
-from .write import atomic_write, write_folder
+from .write import atomic_write
 
 __all__ = [
     "FORMAT_VERSION",

@@ -108,7 +108,11 @@ def metadata_of(
         "alpha": None,
         "targets": list(layout.patterns),
         "exclude": list(layout.exclude),
-        "layer_range": list(layout.layer_range) if layout.layer_range is not None else None,
+        "layer_range": (
+            [checks.scalar(v) for v in layout.layer_range]
+            if layout.layer_range is not None
+            else None
+        ),
         "dtype": checks.dtype_name(adapter.dtype),
         "dropout": 0.0,
         "init": None,
