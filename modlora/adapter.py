@@ -123,7 +123,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
 
     # ------------------------------------------------------------------ factors
     @torch.no_grad()
-    def delta_factors(self, c: float | int = 1.0) -> dict[str, tuple[FactorA, FactorB]]:
+    def delta_factors(self, c: Coeff = 1.0) -> dict[str, tuple[FactorA, FactorB]]:
         """The delta at coefficient ``c`` as factors, ``{target name: (A, B)}``, ``ΔW = B @ A``.
 
         ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)`` with ``c`` and the scale folded in, both
@@ -169,7 +169,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         self.coefficient.set(c)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path, extra_meta: dict | None = None, c: float | int | None = None):
+    def save(self, path, extra_meta: dict | None = None, c: Coeff | None = None):
         """Write the adapter to one ``.safetensors`` file (see :mod:`modlora.checkpoint`).
 
         Args:

@@ -19,7 +19,8 @@ from .checks import scalar
 
 DEFAULT_EXCLUDE = ("lm_head", "vision_tower", "vision_model", "visual", "multi_modal_projector")
 
-LayerRange = tuple[float, float] | tuple[int, int]
+LayerRange = tuple[Real, Real]
+"""``(lo, hi)``: two fractions of the depth, or two block indices (``int`` or NumPy scalars)."""
 
 
 STACK_SHARE = 0.25

@@ -7,6 +7,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .._types import Coeff
 from ..coefficient import validate_coeff
 from ..kinds import KINDS
 from .spec import file_tensors, metadata_of
@@ -17,7 +18,7 @@ def save_adapter(
     adapter,
     path: str | os.PathLike,
     extra_meta: Mapping | None = None,
-    c: float | int | None = None,
+    c: Coeff | None = None,
 ) -> Path:
     """Write ``adapter`` to one ``.safetensors`` file, atomically (format v1).
 
