@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .digest import adapter_digest, tensors_digest
+from .digest import adapter_digest, adapter_probe, tensors_digest
 from .install import find_adapters
 from .layout import unwrap_model
 from .part import AdapterStateError
@@ -148,13 +148,46 @@ def same_delta(
     return None
 
 
+def _in_histories(model: nn.Module, kind: str, names: tuple, digest, me) -> str | None:
+    """An attached adapter (a history) other than ``me`` that holds the delta as one round."""
+    probe: list[str] = []
+    for other in find_adapters(model):
+        for info in other.contained_deltas() if other is not me else ():
+            ranks = info.get("ranks")
+            same = info.get("kind") == kind and isinstance(ranks, dict) and tuple(ranks) == names
+            if same and "probe" in info:  # cheap first: the digest only when the probes agree
+                probe = probe or [adapter_probe(me)]
+                same = info["probe"] == probe[0]
+            if same and info["digest"] == digest():
+                return f"a {type(other).__name__} holding this very delta is attached to this model"
+    return None
+
+
+def _rounds_held(model: nn.Module, adapter) -> str | None:
+    """Where the model already holds one of the deltas ``adapter`` contains (a history's rounds)."""
+    for info in adapter.contained_deltas():
+        kind, digest = info.get("kind"), info["digest"]
+        if any(e.kind == kind and e.digest == digest for e in merged_deltas(model)):
+            return "its round's delta is already merged into the model's weights"
+        for other in find_adapters(model):
+            if other is not adapter and other.kind == kind and adapter_digest(other) == digest:
+                name = type(other).__name__
+                return f"its round's delta is already attached to this model (a {name})"
+    return None
+
+
 def refuse_double_delta(adapter, action: str = "attach") -> None:
     """Every adapter's first attach guard (and the merge's check): refuse when the model already
-    holds this adapter's delta."""
-    tensors = adapter.target_tensors()
-    where = same_delta(
-        adapter.model, adapter.kind, tensors, lambda: adapter_digest(adapter), adapter
-    )
+    holds this adapter's delta (merged, attached, or as a round of an attached history) or, for
+    a history, one of its rounds' deltas."""
+    model, names = adapter.model, tuple(adapter.target_tensors())
+
+    def mine() -> str:
+        return adapter_digest(adapter)
+
+    where = same_delta(model, adapter.kind, adapter.target_tensors(), mine, adapter)
+    where = where or _in_histories(model, adapter.kind, names, mine, adapter)
+    where = where or _rounds_held(model, adapter)
     if where is not None:
         raise AdapterStateError(
             f"{type(adapter).__name__} cannot {action}: {where}, so its delta would apply twice "

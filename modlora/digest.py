@@ -96,6 +96,13 @@ def adapter_digest(adapter) -> str:
     )
 
 
+def adapter_probe(adapter) -> str:
+    """A cheap first comparison of two deltas: the sampled fingerprint of the first target's
+    first tensor (equal deltas have equal probes; the digest then decides)."""
+    first = next(iter(adapter.target_tensors().values()))
+    return sample_fingerprint(next(iter(first.values())))
+
+
 # ---------------------------------------------------------------------------- base weights
 @torch.no_grad()
 def weight_fingerprint(weight: Tensor) -> str:

@@ -65,6 +65,11 @@ class AdapterKind:
         """Raise ``ValueError`` naming ``name`` if its tensors contradict ``config`` (beyond the
         shapes, which are checked for every kind)."""
 
+    def contained_deltas(self) -> list[dict]:
+        """Other adapters' deltas this one holds, as ``{"kind", "ranks": {target: r}, "digest"}``
+        (a history: its rounds); checked against what is in the model before it attaches."""
+        return []
+
     @classmethod
     def base_problem(
         cls, config: dict, name: str, tensors: dict[str, Tensor], weight: Tensor

@@ -548,3 +548,26 @@ def test_safetensors_reader_is_not_fooled_by_an_unsealed_copy(tmp_path, llama):
     _lora(llama).save(tmp_path / "a.safetensors")
     assert safetensors.torch.load_file(str(tmp_path / "a.safetensors"))
     assert not (tmp_path / MANIFEST).exists()
+
+
+def test_2_a_delta_in_an_attached_history_is_never_attached_again(llama, tmp_path):
+    lora = _lora(llama)
+    lora.attach(llama, c=1.0)
+    before = _state(llama)
+    with pytest.raises(ml.AdapterStateError, match="round's delta is already attached"):
+        ml.HistoryBake(llama, [(lora, 1.0)])
+    _assert_same_state(llama, before)
+    lora.detach()
+    hist = ml.HistoryBake(llama, [(lora, 0.5)])
+    with pytest.raises(ml.AdapterStateError, match="HistoryBake holding this very delta"):
+        lora.attach(llama, c=1.0)
+    hist.save(tmp_path / "h.safetensors")
+    lora.save(tmp_path / "a.safetensors")
+    hist.remove()
+    loaded = ml.load_adapter(llama, tmp_path / "h.safetensors")  # attached, knows its rounds
+    twin = ml.load_adapter(llama, tmp_path / "a.safetensors")
+    with pytest.raises(ml.AdapterStateError, match="HistoryBake holding this very delta"):
+        twin.attach(llama, c=1.0)
+    loaded.remove()
+    with twin(llama, c=1.0):
+        pass
