@@ -1,9 +1,8 @@
 """A fork server for ``tests/test_reliability_kill.py``: imports once, then forks one writer per
 request, so each kill point costs a fork instead of a fresh interpreter.
 
-Protocol, one line each: stdin ``run <op> <folder>``; stdout ``child <pid>`` (from this process),
-``ready`` (from the child, once it is about to write), and ``exit <status>`` when the child has
-ended (``-N``: killed by signal N). The child writes ``op`` again and again, alternating the two
+Protocol, one line each: stdin ``run <op> <folder>``; stdout ``child <pid>`` once the child is
+about to write, and ``exit <status>`` when it has ended (``-N``: killed by signal N). The child writes ``op`` again and again, alternating the two
 adapters ``folder/a1.safetensors`` and ``folder/a2.safetensors``:
 
 * ``save``: ``adapter.save(folder/out/adapter.safetensors)``
@@ -35,9 +34,11 @@ def build(folder: Path) -> tuple[list[Path], list]:
     return _BUILT[folder]
 
 
-def write_loop(op: str, folder: Path) -> None:
+def write_loop(op: str, folder: Path, ready: int) -> None:
     files, adapters = build(folder)
     out = folder / "out"
+    os.write(ready, b"1")  # the server announces this child only now
+    os.close(ready)
     steps = {
         "save": lambda k: adapters[k].save(out / "adapter.safetensors"),
         "merge": lambda k: ml.merge_checkpoint(
@@ -45,7 +46,6 @@ def write_loop(op: str, folder: Path) -> None:
         ),
         "export": lambda k: ml.export_peft(adapters[k], out / "peft", overwrite=True),
     }
-    print("ready", flush=True)
     k = 1
     while True:
         steps[op](k)
@@ -56,11 +56,13 @@ def main() -> None:
     for line in sys.stdin:
         _, op, folder = line.split()
         build(Path(folder))
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                write_loop(op, Path(folder))
+                os.close(read_end)
+                write_loop(op, Path(folder), write_end)
             except KeyboardInterrupt:
                 code = 130
             except BaseException:
@@ -68,6 +70,9 @@ def main() -> None:
             finally:
                 sys.stdout.flush()
                 os._exit(code)
+        os.close(write_end)
+        os.read(read_end, 1)  # the child is about to write
+        os.close(read_end)
         print(f"child {pid}", flush=True)
         _, status = os.waitpid(pid, 0)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

@@ -9,6 +9,7 @@ torch and modlora once, so each of the 27 kill points costs a fork, not an inter
 
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -98,10 +99,16 @@ def server():
     )
     yield proc
     proc.stdin.close()
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a test failed with a writer still running
+        proc.kill()
+        proc.wait()
 
 
-def _line(proc, prefix: str) -> str:
+def _line(proc, prefix: str, timeout: float = 300.0) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"the kill worker said nothing for {timeout:.0f}s (waiting for {prefix!r})"
     line = proc.stdout.readline()
     assert line.startswith(prefix), f"expected {prefix!r} from the kill worker, got {line!r}"
     return line.split(maxsplit=1)[1].strip() if " " in line.strip() else ""
@@ -132,11 +139,12 @@ def test_killed_writes_leave_a_complete_output(op, server, tmp_path):
         server.stdin.write(f"run {op} {tmp_path}\n")
         server.stdin.flush()
         pid = int(_line(server, "child"))
-        _line(server, "ready")
         delay = rng.uniform(0.0, 0.4)
         time.sleep(delay)
-        os.kill(pid, sig)
-        status = int(_line(server, "exit"))
+        try:
+            os.kill(pid, sig)
+        finally:
+            status = int(_line(server, "exit", timeout=60))
         seen.append((sig.name, round(delay, 3), status))
         assert _tree(out) in refs, f"{op} killed by {sig.name} after {delay:.3f}s: output mixed"
         left = _temps(tmp_path / "out")
