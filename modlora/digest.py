@@ -138,7 +138,7 @@ def sample_fingerprint(weight: Tensor) -> str:
     w = weight.detach()
     flat = w.reshape(-1)  # (numel,)
     if flat.numel() > SAMPLE:
-        flat = flat[_positions(flat.numel()).to(flat.device)]  # (SAMPLE,)
+        flat = flat.index_select(0, _positions(flat.numel()).to(flat.device))  # (SAMPLE,)
     h = hashlib.sha256()
     _update(h, "w", dtype_tag(w.dtype), w.shape, tensor_bytes(flat))
     return f"{DIGEST}:{h.hexdigest()}"

@@ -162,7 +162,7 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     if not isinstance(rslora, bool):
         raise CheckpointError(f"{where}: use_rslora must be true or false, got {rslora!r}")
     resolved, missing = {}, []
-    for peft_name, pair in factors.items():
+    for peft_name, pair in sorted(factors.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{peft_dir}: target {peft_name!r} has only {sorted(pair)}")
         try:

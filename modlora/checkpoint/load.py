@@ -23,7 +23,7 @@ from torch import nn
 from ..applied import same_delta
 from ..digest import tensors_digest
 from ..fit import layout_of
-from ..layout import find_targets, unwrap_model
+from ..layout import unwrap_model
 from ..rollback import model_rollback
 from . import validate
 from .io import CheckpointError, read_file
@@ -77,7 +77,7 @@ def build_adapter(
             "(use `with adapter(model, c=...)` or adapter.attach(model, c))"
         )
     check_tensors(spec)
-    check_model(spec, model)
+    layout = check_model(spec, model)
     validate.check_base(spec, model, check_base or cls.base_check)
     flat = {f"{n}.{role}": t for n, parts in spec.tensors.items() for role, t in parts.items()}
     twin = same_delta(model, spec.kind, spec.tensors, lambda: tensors_digest(flat), merged=False)
@@ -87,9 +87,7 @@ def build_adapter(
             f"tensors) is attached to this model ({twin}); loading it again would let its delta "
             "apply twice — reuse that object, or detach it before loading"
         )
-    if cls.selects_targets:
-        layout = find_targets(model, spec.targets, spec.exclude, spec.layer_range)
-    else:
+    if layout is None:
         layout = layout_of(model, list(spec.tensors))
     tensors = {n: spec.tensors[n] for n in layout.names}
     adapter = None

@@ -8,22 +8,34 @@ the base (fingerprint mismatch by the file's own method, and the kind's own test
 :class:`~modlora.checkpoint.io.CheckpointError` listing everything wrong and touches nothing.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from loguru import logger
-from torch import nn
+from torch import Tensor, nn
 
 from ..applied import base_weight
 from ..digest import FINGERPRINTS
 from ..fit import fit_problems
-from ..layout import find_targets, make_target, unwrap_model
+from ..layout import TargetLayout, find_targets, make_target, unwrap_model
 from ..ranks import infer_rank
 from .io import CheckpointError
 from .spec import Spec
 
 BaseCheck = Literal["raise", "warn", "ignore"]
+
+
+def non_finite(tensors: dict[str, dict[str, Tensor]]) -> list[str]:
+    """``"<target>.<role>"`` of the tensors holding NaN or inf (one fused pass when none do)."""
+    flat = {f"{n}.{r}": t for n, parts in tensors.items() for r, t in parts.items() if t.numel()}
+    if not flat:
+        return []
+    peaks = torch._foreach_norm(list(flat.values()), math.inf)  # max |t| per tensor: NaN/inf stay
+    if bool(torch.isfinite(torch.stack(peaks)).all()):
+        return []
+    return [key for key, t in flat.items() if not bool(torch.isfinite(t).all())]
 
 
 def check_tensors(spec: Spec) -> dict[str, int]:
@@ -37,21 +49,18 @@ def check_tensors(spec: Spec) -> dict[str, int]:
             f"{path}: metadata 'shapes' names targets {odd} that the tensors do not (or the "
             "other way round)"
         )
-    bad_values, bad_dtypes, incomplete = [], [], []
+    bad_dtypes, incomplete = [], []
     want = spec.config["dtype"]
     for name, parts in spec.tensors.items():
         missing = [r for r in cls.roles if r not in parts]
         if missing:
             incomplete.append(f"{name}: missing {missing}")
-        for role, t in parts.items():
-            if t.dtype != want:
-                bad_dtypes.append(f"{name}.{role}: {t.dtype}")
-            elif not bool(torch.isfinite(t).all()):
-                bad_values.append(f"{name}.{role}")
+        bad_dtypes += [f"{name}.{role}: {t.dtype}" for role, t in parts.items() if t.dtype != want]
     if incomplete:
         raise CheckpointError(f"{path}: incomplete targets {incomplete}")
     if bad_dtypes:
         raise CheckpointError(f"{path}: tensors are not {want} as the metadata says: {bad_dtypes}")
+    bad_values = non_finite(spec.tensors)
     if bad_values:
         raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {bad_values}")
 
@@ -87,14 +96,16 @@ def layer_shapes(spec: Spec) -> dict[str, tuple[int, int]]:
     }
 
 
-def check_model(spec: Spec, model: nn.Module) -> None:
-    """Raise listing missing / unexpected / mismatched targets."""
+def check_model(spec: Spec, model: nn.Module) -> TargetLayout | None:
+    """Raise listing missing / unexpected / mismatched targets; returns the stored selection's
+    layout on ``model`` (``None`` for kinds whose targets are exactly the stored names)."""
     absent, mismatched = fit_problems(model, layer_shapes(spec), "file")
     unexpected = [f"{n} (no such linear layer)" for n in absent]
-    missing, note = [], ""
+    missing, note, layout = [], "", None
     if spec.cls.selects_targets and not absent and not mismatched:
         try:
-            selected = find_targets(model, spec.targets, spec.exclude, spec.layer_range).names
+            layout = find_targets(model, spec.targets, spec.exclude, spec.layer_range)
+            selected = layout.names
         except (ValueError, TypeError) as err:
             selected, note = None, f"; the stored selection fails on this model: {err}"
         if selected is not None:
@@ -110,6 +121,7 @@ def check_model(spec: Spec, model: nn.Module) -> None:
             f"missing targets {missing}, unexpected targets {unexpected}, "
             f"mismatched targets {mismatched}{note}"
         )
+    return layout
 
 
 def base_differences(spec: Spec, weights: Mapping[str, tuple]) -> list[str]:
