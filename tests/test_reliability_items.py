@@ -571,3 +571,20 @@ def test_2_a_delta_in_an_attached_history_is_never_attached_again(llama, tmp_pat
     loaded.remove()
     with twin(llama, c=1.0):
         pass
+
+
+def test_2_an_offline_merge_never_merges_a_delta_twice(tmp_path):
+    model = tiny.llama()
+    base = _base_folder(model, tmp_path / "base")
+    lora = _lora(model)
+    lora.save(tmp_path / "a.safetensors")
+    ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "once")
+    lora.save(tmp_path / "copy.safetensors", extra_meta={"renamed": True})  # same tensors
+    with pytest.raises(ValueError, match="already holds this delta"):
+        ml.merge_checkpoint(tmp_path / "once", tmp_path / "copy.safetensors", tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
+    other = _lora(model, seed=9)
+    other.save(tmp_path / "b.safetensors")
+    ml.merge_checkpoint(tmp_path / "once", tmp_path / "b.safetensors", tmp_path / "both")
+    with pytest.raises(ValueError, match="already holds this delta"):  # found down the chain
+        ml.merge_checkpoint(tmp_path / "both", tmp_path / "a.safetensors", tmp_path / "thrice")
