@@ -588,3 +588,14 @@ def test_2_an_offline_merge_never_merges_a_delta_twice(tmp_path):
     ml.merge_checkpoint(tmp_path / "once", tmp_path / "b.safetensors", tmp_path / "both")
     with pytest.raises(ValueError, match="already holds this delta"):  # found down the chain
         ml.merge_checkpoint(tmp_path / "both", tmp_path / "a.safetensors", tmp_path / "thrice")
+
+
+def test_folder_outputs_get_ordinary_permissions(llama, tmp_path):
+    """safetensors creates files 0600; an exported folder is readable like any file (umask)."""
+    old = os.umask(0o022)
+    try:
+        ml.export_peft(_lora(llama), tmp_path / "peft")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "peft").iterdir()}
+    assert set(modes.values()) == {0o644}, modes

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .._version import __version__
 from .io import as_path
-from .write import clean_stale, cleanup_on_termination, fsync, temp_path
+from .write import clean_stale, cleanup_on_termination, fsync, new_file_mode, temp_path
 
 MANIFEST = ".modlora-manifest.json"
 
@@ -160,6 +160,7 @@ def write_folder(
             manifest = {"writer": writer, "modlora_version": __version__, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             for name in [*files, MANIFEST]:
+                os.chmod(tmp / name, new_file_mode())  # safetensors writes 0600
                 fsync(tmp / name)
             fsync(tmp)
             old = _swap_in(tmp, real)

@@ -121,13 +121,16 @@ def destination(path, what: str = "path") -> Path:
     return real
 
 
-def _file_mode(path: Path) -> int:
-    """The permissions a new file at ``path`` would get (an existing file keeps its own)."""
-    if path.exists():
-        return path.stat().st_mode & 0o7777
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file (``0o666`` less the umask)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def file_mode(path: Path) -> int:
+    """The permissions a new file at ``path`` would get (an existing file keeps its own)."""
+    return path.stat().st_mode & 0o7777 if path.exists() else new_file_mode()
 
 
 def fsync(path: Path) -> None:
@@ -160,7 +163,7 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
         try:
             write(tmp)
             fsync(tmp)
-            os.chmod(tmp, _file_mode(real))  # safetensors creates 0600: use what open() gives
+            os.chmod(tmp, file_mode(real))  # safetensors creates 0600: use what open() gives
             os.replace(tmp, real)
         except BaseException:
             tmp.unlink(missing_ok=True)
