@@ -85,22 +85,27 @@ def file_tensors_digest(index: dict[str, dict], data: memoryview) -> str:
     return f"{DIGEST}:{h.hexdigest()}"
 
 
-def adapter_digest(adapter) -> str:
-    """The tensor digest an adapter's file would carry (``<target>.<role>`` keys)."""
-    return tensors_digest(
-        {
-            f"{name}.{role}": t
-            for name, tensors in adapter.target_tensors().items()
-            for role, t in tensors.items()
-        }
-    )
+def _adapter_tensors(adapter) -> dict[str, Tensor] | None:
+    tensors = {
+        f"{name}.{role}": t
+        for name, parts in adapter.target_tensors().items()
+        for role, t in parts.items()
+    }
+    return None if any(t.device.type == "meta" for t in tensors.values()) else tensors
 
 
-def adapter_probe(adapter) -> str:
+def adapter_digest(adapter) -> str | None:
+    """The tensor digest an adapter's file would carry (``<target>.<role>`` keys); ``None``
+    while its tensors are on the meta device (no values yet)."""
+    tensors = _adapter_tensors(adapter)
+    return None if tensors is None else tensors_digest(tensors)
+
+
+def adapter_probe(adapter) -> str | None:
     """A cheap first comparison of two deltas: the sampled fingerprint of the first target's
     first tensor (equal deltas have equal probes; the digest then decides)."""
-    first = next(iter(adapter.target_tensors().values()))
-    return sample_fingerprint(next(iter(first.values())))
+    tensors = _adapter_tensors(adapter)
+    return None if not tensors else sample_fingerprint(next(iter(tensors.values())))
 
 
 # ---------------------------------------------------------------------------- base weights
