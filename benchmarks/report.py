@@ -71,6 +71,29 @@ def targets(results: dict) -> list[dict]:
                 f"{_x(rmin.get('merged_vs_base'))}; noise floor {noise:.3f}",
             )
         )
+    moe = results.get("moe")
+    if moe:
+        r, noise = moe["ratios"], abs(moe["ratios"]["base_again_vs_base"] - 1.0)
+        rows = (
+            (
+                "hooked LoRA on fused experts (c=1) / PEFT target_parameters",
+                "hooked_c1_vs_peft",
+                1.0,
+            ),
+            ("hooked at c=0 / base", "hooked_c0_vs_base", 1.03),
+            ("merged / base", "merged_vs_base", 1.02 + noise),
+        )
+        for what, key, goal in rows:
+            out.append(
+                _target(
+                    f"small Mixtral ({moe['experts']} experts, r={moe['r']}): {what}",
+                    f"<= {goal:.2f}",
+                    r[key],
+                    r[key] <= goal,
+                    f"per-round IQR {_iqr(moe, key)}, ratio of minima "
+                    f"{_x(moe['ratios_min'].get(key))}; noise floor {noise:.3f}",
+                )
+            )
     for entry, hist in (results.get("history") or {}).items():
         model = _label(entry, hist)
         k = max(hist["rounds"])

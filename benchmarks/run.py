@@ -20,7 +20,16 @@ import torch
 from . import common, report
 
 RESULTS = Path(__file__).parent / "results"
-CASES = ("forward", "history", "per_sample", "pissa_svd", "calibration", "compile", "checkpoint")
+CASES = (
+    "forward",
+    "history",
+    "per_sample",
+    "moe",
+    "pissa_svd",
+    "calibration",
+    "compile",
+    "checkpoint",
+)
 
 # Per mode: the shapes and repeats of every case.
 SETTINGS = {
@@ -46,6 +55,9 @@ SETTINGS = {
             ("minilm", "minilm", False, None, None, 11),
             ("minilm_grad", "minilm", True, None, None, 5),
         ),
+        "moe": {"hidden": 256, "layers": 2, "experts": 8, "vocab": 1000},
+        "moe_tokens": (4, 64),
+        "moe_repeats": 9,
         "svd_shapes": ((2048, 2048), (4096, 1024)),
         "svd_repeats": 3,
         "calibration_tokens": (1_000, 3_000, 10_000, 30_000, 100_000),
@@ -64,6 +76,9 @@ SETTINGS = {
         "history_rounds": (1, 4, 8),
         "history": (("minilm", "minilm", None, None, None, 2),),
         "per_sample": (("minilm", "minilm", False, None, None, 2),),
+        "moe": {"hidden": 128, "layers": 2, "experts": 4, "vocab": 500},
+        "moe_tokens": (2, 32),
+        "moe_repeats": 3,
         "svd_shapes": ((1024, 1024), (2048, 512)),
         "svd_repeats": 2,
         "calibration_tokens": (1_000, 10_000),
@@ -81,6 +96,9 @@ SETTINGS = {
             ("llama", "llama", False, None, None, 1),
             ("llama_grad", "llama", True, None, None, 1),
         ),
+        "moe": {"hidden": 32, "layers": 1, "experts": 4, "vocab": 128},
+        "moe_tokens": (2, 8),
+        "moe_repeats": 1,
         "svd_shapes": ((128, 128),),
         "svd_repeats": 1,
         "calibration_tokens": (256, 512),
@@ -148,7 +166,7 @@ def run(mode: str = "full", only=CASES, clock: str = "cpu", threads: int = 1) ->
 
     A case that raises is recorded under ``results["errors"]`` and the others still run.
     """
-    from . import calibration_memory, checkpoint_io, compile_recompiles, forward, pissa_svd
+    from . import calibration_memory, checkpoint_io, compile_recompiles, forward, moe, pissa_svd
 
     if mode not in SETTINGS:
         raise ValueError(f"mode must be one of {sorted(SETTINGS)}, got {mode!r}")
@@ -218,6 +236,10 @@ def run(mode: str = "full", only=CASES, clock: str = "cpu", threads: int = 1) ->
                 m, inputs, repeats, c, grad=bool(grad)
             ),
         )
+    if "moe" in only:
+        _log(f"moe: {cfg['moe']} × {cfg['moe_repeats']} rounds")
+        with guard("moe"):
+            results["moe"] = moe.run_moe(cfg["moe"], cfg["moe_tokens"], cfg["moe_repeats"], clock)
     if not smoke:
         models.pop("llama", None)
     if "pissa_svd" in only:

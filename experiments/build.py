@@ -1,4 +1,4 @@
-"""Build the pieces a config names: model, adapter, objective and meter."""
+"""Build the pieces a config names: model, adapter, objective, meters and baselines."""
 
 import torch
 from hydra.utils import instantiate
@@ -9,13 +9,15 @@ from torch import nn
 import modlora as ml
 
 from .datasets import DataBundle
-from .metrics import CausalMeter, EncoderMeter
+from .metrics import CausalMeter, EncoderMeter, fit_probe
 from .objectives import (
     BidirectionalObjective,
     EncoderObjective,
     HealObjective,
+    embed_all,
     tokenize_completions,
 )
+from .steering import build_baselines
 
 
 def load_model(cfg) -> tuple[nn.Module, object]:
@@ -134,19 +136,55 @@ def build_objective(cfg, model, tokenizer, adapter, data: DataBundle, history=No
     )
 
 
-def build_meter(cfg, model, tokenizer, data: DataBundle):
-    """The evaluation meter for ``model.kind`` (computes its ``c = 0`` references now)."""
-    if cfg.model.kind == "encoder":
-        return EncoderMeter(
-            model,
-            tokenizer,
-            data,
-            cfg.model.max_length,
-            cfg.eval.batch_size,
-            cfg.eval.probe_l2,
-            cfg.eval.probe_steps,
-        )
-    return CausalMeter(model, tokenizer, data, cfg.model.max_length, cfg.eval.batch_size)
+def build_meters(cfg, model, tokenizer, data: DataBundle) -> dict:
+    """The evaluation meters, each on its own items (computes their ``c = 0`` references now).
+
+    ``test``: the reported set (encoders: the neutral held-out sentences with the probe;
+    causal: the held-out pairs). ``opinionated`` (encoders): the opinionated held-out sentences.
+    ``val``: the validation split, the only set the calibration measures. Encoders also get
+    ``probe_accuracy`` (on the probe's own training sentences).
+    """
+    e, max_length = cfg.eval, cfg.model.max_length
+    if cfg.model.kind != "encoder":
+        return {
+            "test": CausalMeter(model, tokenizer, data.heldout, max_length, e.batch_size),
+            "val": CausalMeter(model, tokenizer, data.val, max_length, e.batch_size),
+        }
+    probe_x = embed_all(model, tokenizer, data.probe_texts, max_length, e.batch_size)
+    probe_y = torch.tensor(data.probe_labels)
+    probe = fit_probe(probe_x, probe_y, e.probe_l2, e.probe_steps)
+    accuracy = float(((probe.logits(probe_x) > 0).long() == probe_y).float().mean())
+
+    def meter(texts, with_probe=True, paraphrases=None):
+        p = probe if with_probe else None
+        return EncoderMeter(model, tokenizer, texts, max_length, e.batch_size, p, paraphrases)
+
+    val_texts = [p.prompt + p.chosen for p in data.val] + [p.prompt + p.rejected for p in data.val]
+    meters = {
+        "test": meter(data.neutral, paraphrases=data.paraphrases),
+        "val": meter(val_texts, with_probe=False),
+        "probe_accuracy": accuracy,
+    }
+    if data.opinionated:
+        meters["opinionated"] = meter(data.opinionated)
+    return meters
+
+
+def build_methods(cfg, model, tokenizer, data: DataBundle, adapter) -> dict:
+    """``{"adapter": adapter, <baseline name>: SteeringVector, ...}`` (``eval.baselines``)."""
+    b = cfg.eval.baselines
+    vectors = build_baselines(
+        model,
+        tokenizer,
+        data,
+        cfg.model.kind,
+        list(b.methods),
+        b.mid_block,
+        cfg.seed,
+        cfg.model.max_length,
+        cfg.eval.batch_size,
+    )
+    return {"adapter": adapter, **vectors}
 
 
 def set_threads(threads) -> None:

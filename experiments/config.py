@@ -16,6 +16,8 @@ from omegaconf import DictConfig, ListConfig
 from modlora import read_metadata
 
 from .datasets import DataBundle, DataError, load_data
+from .steering import KINDS as BASELINE_KINDS
+from .steering import PLACES as BASELINE_PLACES
 
 MODEL_KINDS = ("encoder", "causal")
 OBJECTIVES = {"encoder": ("encoder",), "causal": ("bidirectional", "heal")}
@@ -124,6 +126,7 @@ def validate_model(cfg) -> None:
 
 def validate_adapter(cfg) -> None:
     kind = _choice(cfg, "adapter.kind", ADAPTERS)
+    _number(cfg, "adapter.lr", 0, lo_open=True)
     _number(cfg, "adapter.r", 1, integer=True)
     _layer_range(cfg, "adapter.layer_range")
     for key in ("adapter.targets", "adapter.exclude"):
@@ -228,13 +231,43 @@ def validate_eval(cfg) -> None:
     _number(cfg, "eval.batch_size", 1, integer=True)
     _number(cfg, "eval.probe_l2", 0)
     _number(cfg, "eval.probe_steps", 1, integer=True)
-    _number(cfg, "eval.c_scan.start", 0, lo_open=True)
-    _number(cfg, "eval.c_scan.factor", 0, 0.999, lo_open=True)
-    _number(cfg, "eval.c_scan.min_c", 0, lo_open=True)
+    _number(cfg, "eval.calibration.rel_tol", 0, 0.5, lo_open=True)
+    _number(cfg, "eval.calibration.max_c", 1)
+    _number(cfg, "eval.calibration.max_evals", 4, integer=True)
     _number(cfg, "eval.gates.min_cosine", -1, 1)
-    _number(cfg, "eval.gates.max_retrieval_drop", 0, 1)
     _number(cfg, "eval.gates.max_nll_increase", 0)
     _number(cfg, "eval.gates.max_kl", 0)
+    _levels(cfg, "eval.frontier.cosine", -1, 1, descending=True)
+    _levels(cfg, "eval.frontier.kl", 0, None, descending=False)
+    _number(cfg, "eval.frontier.rel_tol", 0, 0.5, lo_open=True)
+    _number(cfg, "eval.frontier.max_c", 1)
+    _number(cfg, "eval.frontier.max_evals", 4, integer=True)
+    methods = _get(cfg, "eval.baselines.methods")
+    names = [f"{k}_{p}" for k in BASELINE_KINDS for p in BASELINE_PLACES]
+    if not isinstance(methods, ListConfig) or any(m not in names for m in methods):
+        raise ConfigError(f"eval.baselines.methods must be a list of {names}, got {methods!r}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"eval.baselines.methods has repeated names: {list(methods)!r}")
+    _number(cfg, "eval.baselines.mid_block", 0, 1)
+    _number(cfg, "eval.bootstrap.n", 10, integer=True)
+    _number(cfg, "eval.bootstrap.seed", 0, integer=True)
+
+
+def _levels(cfg, key: str, lo, hi, descending: bool) -> None:
+    """A non-empty list of distinct numbers in (lo, hi), ordered away from the c = 0 value."""
+    value = _get(cfg, key)
+    if not isinstance(value, ListConfig) or len(value) == 0:
+        raise ConfigError(f"{key} must be a non-empty list of numbers, got {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            raise ConfigError(f"{key} must hold finite numbers, got {list(value)!r}")
+        if v <= lo or (hi is not None and v >= hi):
+            raise ConfigError(f"{key} values must lie in ({lo}, {hi}), got {list(value)!r}")
+    if list(value) != sorted(set(value), reverse=descending):
+        order = "descending" if descending else "ascending"
+        raise ConfigError(
+            f"{key} must be distinct and {order} (away from c = 0), got {list(value)!r}"
+        )
 
 
 def validate_data(cfg) -> DataBundle:

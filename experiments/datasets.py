@@ -42,6 +42,9 @@ class DataBundle:
         probe_texts, probe_labels: labelled sentences for the encoder probe (1 = trait-positive).
         neutral: sentences whose trait score is measured at every ``c`` (encoders).
         paraphrases: one paraphrase per ``neutral`` sentence (retrieval), or ``None``.
+        opinionated, opinionated_labels: held-out sentences that carry the trait or its opposite
+            (1 = trait-positive), disjoint from the probe's; content preservation and flips on
+            them are reported beside the neutral ones (encoders; empty for JSONL data).
     """
 
     train: list[Pair]
@@ -51,6 +54,8 @@ class DataBundle:
     probe_labels: list[int] = field(default_factory=list)
     neutral: list[str] = field(default_factory=list)
     paraphrases: list[str] | None = None
+    opinionated: list[str] = field(default_factory=list)
+    opinionated_labels: list[int] = field(default_factory=list)
 
 
 def read_jsonl(path: str | Path, key: str = "data.path") -> list[Pair]:
@@ -112,15 +117,33 @@ def load_data(cfg) -> DataBundle:
     """
     kind = cfg.kind
     if kind == "sentiment":
-        pairs = [Pair("", p["chosen"], p["rejected"]) for p in sentiment.train_pairs(cfg.n_train)]
+        # the seed draws the training pairs (and splits off the validation pairs)
+        drawn = sentiment.train_pairs(cfg.n_train, seed=cfg.seed)
+        pairs = [Pair("", p["chosen"], p["rejected"]) for p in drawn]
         train, val = split_val(pairs, cfg.val_fraction, cfg.seed)
         heldout = [Pair("", p["chosen"], p["rejected"]) for p in sentiment.heldout_pairs()]
         probe_texts, probe_labels = sentiment.probe_sentences()
-        # The held-out pairs label the probe too: the trait is measured on unseen wording.
-        probe_texts = probe_texts + [p.chosen for p in heldout] + [p.rejected for p in heldout]
-        probe_labels = probe_labels + [1] * len(heldout) + [0] * len(heldout)
+        # Half of the held-out subjects label the probe too (unseen wording); the other half
+        # give the opinionated evaluation sentences, which the probe never sees.
+        for p in sentiment.heldout_pairs("probe"):
+            probe_texts = [*probe_texts, p["chosen"], p["rejected"]]
+            probe_labels = [*probe_labels, 1, 0]
+        opinionated, opinionated_labels = [], []
+        for p in sentiment.heldout_pairs("opinionated"):
+            opinionated += [p["chosen"], p["rejected"]]
+            opinionated_labels += [1, 0]
         neutral, paraphrases = sentiment.neutral_paraphrases()
-        return DataBundle(train, val, heldout, probe_texts, probe_labels, neutral, paraphrases)
+        return DataBundle(
+            train,
+            val,
+            heldout,
+            probe_texts,
+            probe_labels,
+            neutral,
+            paraphrases,
+            opinionated,
+            opinionated_labels,
+        )
     if kind != "jsonl":
         raise DataError(f"data.kind must be 'sentiment' or 'jsonl', got {kind!r}")
     path = cfg.path if cfg.path is not None else PERSONA_TRAIN

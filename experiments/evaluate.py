@@ -1,9 +1,13 @@
-"""Evaluation over the ``c`` grid, and ``python -m experiments.evaluate adapter=PATH``.
+"""Evaluation: the adapter's ``c`` grid, the calibration, and the frontier of every method.
 
-Encoders: the probe's trait score P(positive) on neutral held-out sentences, cosine to the
-``c = 0`` embedding and paraphrase retrieval at every ``c``. Causal LMs: the held-out
-chosen-vs-rejected log-prob margin, completion NLL and KL to ``c = 0``. Spearman's ρ of the trait
-score over the grid says whether it moves monotonically with ``c``.
+Encoders: the probe's trait score on the neutral held-out sentences (P(positive), the probe-logit
+shift from ``c = 0``, the per-sentence flip rate), cosine to the ``c = 0`` embedding, and the
+same on opinionated held-out sentences at the frontier points. Causal LMs: the held-out
+chosen-vs-rejected margin (its shift and flip rate), NLL and KL to ``c = 0``. The adapter and the
+steering-vector baselines (:mod:`experiments.steering`) are compared along the trait-vs-coherence
+frontier (:mod:`experiments.frontier`), every entry with a bootstrap 95% interval. The grid's
+Spearman ρ and retrieval@1 stay in the JSON; they saturate (a random direction scores 1.0 on
+both) and are not evidence.
 
 The command-line form rebuilds model and data from the config stored in the adapter's metadata,
 reloads the adapter with :func:`modlora.load_adapter`, re-runs the evaluation in its own Hydra
@@ -16,17 +20,21 @@ import time
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from loguru import logger
 from omegaconf import OmegaConf
 
 import modlora as ml
 
-from .build import build_meter, load_model, set_threads
-from .calibrate import c_scan
+from .build import build_meters, build_methods, load_model, set_threads
+from .calibrate import calibrate
 from .datasets import load_data
-from .metrics import spearman
-from .report import format_table, plot, write_json
+from .frontier import frontier
+from .metrics import row_of, spearman
+from .plots import plot
+from .report import format_frontier, format_table, write_json
+from .stats import bootstrap
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # The evaluation app has its own config folder: there ``adapter=PATH`` is a plain key, not the
@@ -34,27 +42,66 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EVAL_CONF_DIR = str(Path(CONF_DIR) / "evaluate")
 
 
-def sweep(meter, adapter, c_grid) -> dict:
-    """Measure every ``c`` of the grid; ``{"rows", "trait", "spearman"}``."""
-    rows = [meter(adapter, float(c)) for c in sorted(c_grid)]
+def sweep(meter, adapter, c_grid, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Measure every ``c`` of the grid: ``{"rows", "rows_ci", "trait", "coherence", "spearman"}``
+    (``rows_ci[i]``: the bootstrap intervals of ``rows[i]``)."""
+    stats = [(float(c), meter.stats(adapter, float(c))) for c in sorted(c_grid)]
+    rows = [row_of(c, s) for c, s in stats]
     trait = meter.trait
     rho = spearman([r["c"] for r in rows], [r[trait] for r in rows])
-    return {"trait": trait, "coherence": list(meter.coherence), "rows": rows, "spearman": rho}
+    return {
+        "trait": trait,
+        "coherence": list(meter.coherence),
+        "rows": rows,
+        "rows_ci": [bootstrap(s, n_boot, seed) for _, s in stats],
+        "spearman": rho,
+    }
 
 
-def evaluate(meter, adapter, cfg_eval) -> dict:
-    """The grid sweep plus (when ``eval.calibrate``) the ``c_scan`` calibration."""
-    result = sweep(meter, adapter, cfg_eval.c_grid)
-    if hasattr(meter, "probe_accuracy"):
-        result["probe_accuracy"] = meter.probe_accuracy
+def _at(meters: dict, method, c: float, n_boot: int, seed: int) -> dict:
+    """Every meter's row (with intervals) at ``c``, except the calibration split's."""
+    out = {}
+    for name in ("test", "opinionated"):
+        if name in meters:
+            stats = meters[name].stats(method, c)
+            out[name] = {**row_of(c, stats), "ci": bootstrap(stats, n_boot, seed)}
+    return out
+
+
+def evaluate(meters: dict, methods: dict, cfg_eval, seed: int) -> dict:
+    """Grid sweep of the adapter, calibration on ``val``, frontier of every method.
+
+    Args:
+        meters: from :func:`experiments.build.build_meters`.
+        methods: ``{"adapter": adapter, baseline name: steering vector, ...}``.
+        cfg_eval: the ``eval`` config.
+        seed: the bootstrap seed.
+    """
+    adapter, test = methods["adapter"], meters["test"]
+    n_boot = cfg_eval.bootstrap.n
+    result = sweep(test, adapter, cfg_eval.c_grid, n_boot, seed)
+    result["probe_accuracy"] = meters.get("probe_accuracy")
     if cfg_eval.calibrate:
-        base = next(r for r in result["rows"] if r["c"] == 0)
-        s = cfg_eval.c_scan
-        result["calibration"] = c_scan(
-            meter, adapter, cfg_eval.gates, s.start, s.factor, s.min_c, base
-        )
+        k = cfg_eval.calibration
+        cal = calibrate(meters["val"], adapter, cfg_eval.gates, k.rel_tol, k.max_c, k.max_evals)
+        cal["at_c"] = {
+            sign: _at(meters, adapter, s * cal["c"], n_boot, seed)
+            for sign, s in (("+", 1.0), ("-", -1.0))
+        }
+        result["calibration"] = cal
     else:
-        result["calibration"] = {"c": None, "calibrated": False, "scan": []}
+        result["calibration"] = {"c": None, "calibrated": False, "split": None, "trace": []}
+    f = cfg_eval.frontier
+    levels = list(f.cosine if test.frontier_key == "cosine" else f.kl)
+    extra = {"opinionated": meters["opinionated"]} if "opinionated" in meters else None
+    result["frontier"], result["curves"] = {}, {}
+    for name, method in methods.items():
+        start = time.time()
+        result["frontier"][name], result["curves"][name] = frontier(
+            test, method, levels, f.rel_tol, f.max_c, f.max_evals, extra, n_boot, seed
+        )
+        logger.info("frontier of {}: {:.1f}s", name, time.time() - start)
+    result["frontier_key"], result["frontier_levels"] = test.frontier_key, levels
     return result
 
 
@@ -74,8 +121,12 @@ def reevaluate(
     eval_overrides: dict | None = None,
     out_dir: Path | None = None,
     make_plot: bool = True,
+    threads: int | None = None,
 ) -> dict:
-    """Rebuild the run stored in ``adapter_path`` and evaluate it again.
+    """Rebuild the run stored in ``adapter_path`` and evaluate it again (without calibrating).
+
+    ``threads=None`` uses the training run's torch thread count (stored in its config), so the
+    fp32 sums match the logged ones.
 
     Returns:
         The new evaluation plus ``max_abs_diff`` to the logged rows (when the grid is the same).
@@ -90,26 +141,34 @@ def reevaluate(
     cfg.device = device
     if eval_overrides:
         cfg.eval = OmegaConf.merge(cfg.eval, eval_overrides)
+    cfg.eval.calibrate = False  # the deployed c is read from the file
+    before = torch.get_num_threads()
+    try:
+        # the training run's thread count: fp32 sums (and the probe fit on them) then match
+        set_threads(threads if threads is not None else cfg.get("threads"))
+        return _reevaluate(cfg, extra, adapter_path, out_dir, make_plot)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reevaluate(cfg, extra: dict, adapter_path: str, out_dir, make_plot: bool) -> dict:
     data = load_data(cfg.data)
     model, tokenizer = load_model(cfg)
     adapter = ml.load_adapter(model, adapter_path, attach=False)
-    meter = build_meter(cfg, model, tokenizer, data)
-    result = sweep(meter, adapter, cfg.eval.c_grid)
+    meters = build_meters(cfg, model, tokenizer, data)
+    methods = build_methods(cfg, model, tokenizer, data, adapter)
+    result = evaluate(meters, methods, cfg.eval, cfg.seed)
     logged = (extra.get("metrics") or {}).get("rows")
     if logged is not None and [r["c"] for r in logged] == [r["c"] for r in result["rows"]]:
         result["max_abs_diff"] = max_difference(result["rows"], logged)
     result["deployed_c"] = adapter.deployed_c
+    result.update(adapter=cfg.adapter.kind, r=cfg.adapter.r)
+    result["baselines"] = {k: m.describe() for k, m in methods.items() if k != "adapter"}
     if out_dir is not None:
         write_json(Path(out_dir) / "metrics.json", result)
         if make_plot:
-            plot(
-                Path(out_dir) / "plot.png",
-                result["rows"],
-                result["trait"],
-                tuple(result["coherence"]),
-                f"{cfg.model.name} {cfg.adapter.kind} (re-evaluated)",
-                adapter.deployed_c,
-            )
+            title = f"{cfg.model.name} {cfg.adapter.kind} (re-evaluated)"
+            plot(Path(out_dir) / "plot.png", result, title, adapter.deployed_c, result)
     return result
 
 
@@ -118,19 +177,19 @@ def main(cfg) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sink = logger.add(out_dir / "evaluate.log", level="INFO")
     try:
-        set_threads(cfg.threads)
         if not Path(cfg.adapter).is_file():
             raise SystemExit(f"adapter={cfg.adapter!r}: no such file")
         start = time.time()
         overrides = OmegaConf.to_container(cfg.eval) if cfg.eval is not None else None
-        result = reevaluate(cfg.adapter, cfg.device, overrides, out_dir, cfg.plot)
-        table = format_table(result["rows"], [result["trait"], *result["coherence"]])
+        result = reevaluate(cfg.adapter, cfg.device, overrides, out_dir, cfg.plot, cfg.threads)
+        columns = [result["trait"], *result["coherence"]]
+        table = format_table(result["rows"], columns, result["rows_ci"])
         print(table)
-        print(f"Spearman rho of {result['trait']} over c: {result['spearman']:.3f}")
+        print(format_frontier(result))
         if "max_abs_diff" in result:
             print(f"largest difference from the logged metrics: {result['max_abs_diff']:.2e}")
         logger.info("evaluated {} in {:.1f}s\n{}", cfg.adapter, time.time() - start, table)
-        return result["spearman"]
+        return result.get("max_abs_diff")
     finally:
         logger.remove(sink)
 

@@ -1,4 +1,4 @@
-"""Run outputs: the metrics table, the plot, ``metrics.json`` and the sweep summary."""
+"""Run outputs: the grid and frontier tables, the plot and ``metrics.json``."""
 
 import json
 import math
@@ -6,18 +6,28 @@ from pathlib import Path
 
 NAMES = {
     "p_positive": "P(positive)",
+    "logit_shift": "probe-logit shift",
+    "flip_rate": "flip rate",
     "cosine": "cos to c=0",
     "retrieval": "retrieval@1",
     "margin": "logp margin",
+    "margin_shift": "margin shift",
     "nll": "NLL/token",
     "kl": "KL to c=0",
+    "shift_ratio": "shift ratio (opinionated / neutral)",
 }
+SHORT = {"cosine": "cos", "kl": "KL"}
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A plain-text table of ``rows`` (dicts) with ``c`` first, then ``columns``."""
+def format_table(rows: list[dict], columns: list[str], cis: list[dict] | None = None) -> str:
+    """A plain-text table of ``rows`` (dicts) with ``c`` first, then ``columns``; with ``cis``
+    (one ``{key: [lo, hi]}`` per row), every value is followed by its interval."""
     header = ["c"] + [NAMES.get(k, k) for k in columns]
-    body = [[f"{r['c']:+.2f}"] + [_fmt(r.get(k)) for k in columns] for r in rows]
+    cis = cis or [{} for _ in rows]
+    body = [
+        [f"{r['c']:+.2f}"] + [_fmt(r.get(k), ci.get(k)) for k in columns]
+        for r, ci in zip(rows, cis, strict=True)
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
@@ -27,11 +37,12 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(header), sep, *(line(b) for b in body)])
 
 
-def _fmt(value) -> str:
+def _fmt(value, interval=None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.3f}"
+        text = "nan" if math.isnan(value) else f"{value:.3f}"
+        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
     return str(value)
 
 
@@ -49,38 +60,55 @@ def _jsonable(value):
     return str(value)
 
 
-def plot(
-    path: Path,
-    rows: list[dict],
-    trait: str,
-    coherence: tuple[str, ...],
-    title: str,
-    c_star: float | None,
-) -> None:
-    """Trait score (left axis) and coherence metrics (right panel) against ``c``."""
-    import matplotlib
+def method_label(name: str, metrics: dict | None = None) -> str:
+    """``vector_mid`` -> ``mean-diff vector @ block 3``; ``adapter`` -> ``lora r=8``."""
+    if name == "adapter":
+        return f"{metrics['adapter']} r={metrics['r']}" if metrics else "adapter"
+    kind, place = name.split("_")
+    block = (metrics or {}).get("baselines", {}).get(name, {}).get("block")
+    where = "output" if place == "out" else (f"block {block}" if block is not None else "mid block")
+    return f"{'mean-diff vector' if kind == 'vector' else 'random direction'} @ {where}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    cs = [r["c"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    left.plot(cs, [r[trait] for r in rows], "o-", color="C0")
-    left.set_xlabel("c")
-    left.set_ylabel(NAMES.get(trait, trait))
-    left.set_title("trait score")
-    left.axvline(0, color="grey", lw=0.5)
-    for i, key in enumerate(k for k in coherence if k in rows[0]):
-        right.plot(cs, [r[key] for r in rows], "o-", color=f"C{i + 1}", label=NAMES.get(key, key))
-    right.set_xlabel("c")
-    right.set_title("coherence / content preservation")
-    right.legend()
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        if c_star is not None:
-            for s in (c_star, -c_star):
-                ax.axvline(s, color="red", lw=0.8, ls="--")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _cell(entry: dict, key: str, ci: bool = True) -> str:
+    v = entry.get(key)
+    if v is None:
+        return "-"
+    text = f"{v:.3f}" + ("" if entry.get("reached", True) else "*")
+    interval = (entry.get("ci") or {}).get(key)
+    if ci and interval is not None:
+        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    return text
+
+
+def format_frontier(metrics: dict, key: str | None = None, where: str | None = None) -> str:
+    """A markdown table: one row per method, one column per level, ``+c / −c`` in each cell.
+
+    Args:
+        metrics: a run's ``metrics.json`` content.
+        key: the statistic (default: the trait).
+        where: ``None`` for the reported set, or an extra set's name (``"opinionated"``).
+    """
+    key = key or metrics["trait"]
+    front = metrics["frontier"]
+    levels = list(next(iter(front.values())).keys())
+    short = SHORT.get(metrics["frontier_key"], metrics["frontier_key"])
+    title = f"{NAMES.get(key, key)}{' on ' + where if where else ''} at equal {NAMES.get(metrics['frontier_key'])}"
+    lines = [
+        f"{title} (+c / -c, 95% bootstrap interval; * = level not reached)",
+        "| method | " + " | ".join(f"{short} {lv}" for lv in levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for name, by_level in front.items():
+        cells = []
+        for lv in levels:
+            pair = []
+            for sign in ("+", "-"):
+                entry = by_level[lv][sign]
+                entry = (
+                    {**entry.get(where, {}), "reached": entry.get("reached")} if where else entry
+                )
+                pair.append(_cell(entry, key))
+            cells.append(" / ".join(pair))
+        lines.append(f"| {method_label(name, metrics)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -19,10 +19,19 @@ from loguru import logger
 import modlora as ml
 
 from . import resume as resume_mod
-from .build import build_adapter, build_meter, build_objective, config_dict, load_model, set_threads
+from .build import (
+    build_adapter,
+    build_meters,
+    build_methods,
+    build_objective,
+    config_dict,
+    load_model,
+    set_threads,
+)
 from .config import validate
 from .evaluate import CONF_DIR, evaluate
-from .report import format_table, plot, write_json
+from .plots import plot
+from .report import format_frontier, format_table, write_json
 from .trainer import FitState, fit, make_optimizer, make_scheduler
 
 
@@ -96,7 +105,9 @@ def _calibration_note(calibration: dict) -> str:
     if calibration["c"] is None:
         return "not calibrated (eval.calibrate=false)"
     note = "" if calibration["calibrated"] else " (no |c| passed the gates)"
-    return f"calibrated c = {calibration['c']:.3f}{note}"
+    if calibration.get("at_max"):
+        note += " (the gates still pass at eval.calibration.max_c)"
+    return f"calibrated c = {calibration['c']:.3f} on the {calibration['split']} split{note}"
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -133,21 +144,33 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
     else:
         (adapter, state), kept_rounds = train_one(cfg, model, tokenizer, data, run_dir), None
     t_trained = time.time()
-    meter = build_meter(cfg, model, tokenizer, data)
-    result = evaluate(meter, adapter, cfg.eval)
+    meters = build_meters(cfg, model, tokenizer, data)
+    methods = build_methods(cfg, model, tokenizer, data, adapter)
+    result = evaluate(meters, methods, cfg.eval, cfg.seed)
     t_evaluated = time.time()
     c_star = result["calibration"]["c"]
     metrics = {
         "model": cfg.model.name,
+        "smoke_test": bool(cfg.model.get("smoke_test", False)),
         "adapter": cfg.adapter.kind,
         "r": cfg.adapter.r,
         "objective": cfg.objective.name,
+        "seed": cfg.seed,
         "trait": result["trait"],
-        "spearman": result["spearman"],
+        "frontier_key": result["frontier_key"],
+        "frontier_levels": result["frontier_levels"],
+        "frontier": result["frontier"],
+        "baselines": {k: m.describe() for k, m in methods.items() if k != "adapter"},
         "calibrated_c": c_star,
         "calibrated": result["calibration"]["calibrated"],
+        "calibration_split": result["calibration"]["split"],
+        "calibration": result["calibration"],
         "rows": result["rows"],
+        "rows_ci": result["rows_ci"],
+        "spearman": result["spearman"],  # not evidence: saturates even for a random direction
+        "curves": result["curves"],
         "probe_accuracy": result.get("probe_accuracy"),
+        "n_items": {k: len(m) for k, m in meters.items() if hasattr(m, "__len__")},
         "kept_rounds": kept_rounds,
         "train": {
             "steps": state.step,
@@ -158,7 +181,6 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
             "epochs": state.history,
             "losses": state.losses,
         },
-        "calibration": result["calibration"],
         "seconds": {
             "load": t_loaded - start,
             "train": t_trained - t_loaded,
@@ -168,7 +190,15 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
     if cfg.save_adapter:
         small = {
             k: metrics[k]
-            for k in ("trait", "spearman", "calibrated_c", "calibrated", "rows", "probe_accuracy")
+            for k in (
+                "trait",
+                "calibrated_c",
+                "calibrated",
+                "calibration_split",
+                "rows",
+                "frontier",
+                "probe_accuracy",
+            )
         }
         small["train"] = {
             k: metrics["train"][k] for k in ("steps", "first_loss", "last_loss", "best_val")
@@ -179,26 +209,23 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
             c=c_star,
         )
     columns = [result["trait"], *result["coherence"]]
-    table = format_table(result["rows"], columns)
+    table = format_table(result["rows"], columns, result["rows_ci"])
+    front = format_frontier(metrics)
     if cfg.plot:
         title = f"{cfg.model.name} · {cfg.adapter.kind} r={cfg.adapter.r} · {cfg.objective.name}"
-        plot(
-            run_dir / "plot.png",
-            result["rows"],
-            result["trait"],
-            tuple(result["coherence"]),
-            title,
-            c_star,
-        )
+        if metrics["smoke_test"]:
+            title += " · SMOKE TEST (random weights)"
+        plot(run_dir / "plot.png", result, title, c_star, metrics)
     metrics["seconds"]["total"] = time.time() - start
     metrics["config"] = config_dict(cfg)
     write_json(run_dir / "metrics.json", metrics)
     summary = (
-        f"{table}\nSpearman rho of {result['trait']} over c: {result['spearman']:.3f}; "
-        f"{_calibration_note(result['calibration'])}; "
+        f"{table}\n\n{front}\n{_calibration_note(result['calibration'])}; "
         f"{state.step} steps; {metrics['seconds']['total']:.1f}s "
         f"(load {metrics['seconds']['load']:.1f}, train {metrics['seconds']['train']:.1f}, eval {metrics['seconds']['eval']:.1f})"
     )
+    if metrics["smoke_test"]:
+        summary += "\nSMOKE TEST: a random tiny model cannot show steering; these numbers test plumbing only."
     print(summary)
     logger.info("results\n{}", summary)
     return metrics
@@ -213,7 +240,7 @@ def main(cfg) -> float:
         metrics = run(cfg, run_dir)
     finally:
         logger.remove(sink)
-    return metrics["spearman"]
+    return metrics["train"]["best_val"]  # what a Hydra sweeper may minimise: the validation loss
 
 
 if __name__ == "__main__":

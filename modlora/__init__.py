@@ -14,7 +14,7 @@ from .coefficient import validate_coeff
 from .history import HistoryBake, PiSSAHistoryBake
 from .install import find_adapters
 from .kinds import KINDS, register_kind
-from .layout import Target, TargetLayout, find_targets
+from .layout import TargetLayout, find_targets
 from .lora import ModulatedLoRA
 from .merge import merge, unmerge
 from .merge_check import MergeError, MergeReport
@@ -25,6 +25,7 @@ from .peft_import import import_peft
 from .pissa import ModulatedPiSSA
 from .ranks import check_rank_vector, infer_rank, infer_ranks
 from .selection import SELECTION_SCORES, tail_depth
+from .target import Target
 from .training_state import fork_training, resume_training, save_training_state
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Axes: ``batch`` (samples), ``seq`` (positions), ``d_in`` / ``d_out`` (a target layer's input and
 output width), ``r`` (adapter rank), ``k`` (number of singular directions, ``min(d_in, d_out)``),
-``n`` (calibration rows). ``*lead`` stands for any leading axes (``batch``, ``batch seq``...).
+``n`` (calibration rows), ``experts`` (``E``, the experts of a fused MoE weight). ``*lead`` stands for any leading axes (``batch``, ``batch seq``...).
 """
 
 from numbers import Integral, Real
@@ -17,5 +17,7 @@ Count = Integral
 Coeff = Number | Float[Tensor, ""] | Float[Tensor, " batch"]
 """A signed coefficient: a number, a 0-d tensor, or one value per sample."""
 
-FactorA = Float[Tensor, "r d_in"]
-FactorB = Float[Tensor, "d_out r"]
+FactorA = Float[Tensor, "*experts r d_in"]
+"""A delta's right factor: ``(r, d_in)``, or ``(E, r, d_in)`` for a fused expert weight."""
+FactorB = Float[Tensor, "*experts d_out r"]
+"""A delta's left factor: ``(d_out, r)``, or ``(E, d_out, r)`` for a fused expert weight."""

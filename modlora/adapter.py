@@ -30,11 +30,13 @@ from ._types import Coeff, FactorA, FactorB
 from .applied import refuse_double_delta
 from .checkpoint import load_adapter, save_adapter
 from .coefficient import Coefficient, validate_coeff
+from .experts import ExpertsDeltaHook
 from .hooks import DeltaHook, let_compiled_code_see_hooks
 from .install import check_materialised, free_slot, install, uninstall
 from .kinds import AdapterKind
 from .layout import TargetLayout, unwrap_model
 from .part import AdapterStateError, Parts, TargetPart
+from .samples import BatchShape
 
 PARTS = "parts"
 """The adapter's child module holding the per-target parts (``state_dict`` key prefix)."""
@@ -84,14 +86,17 @@ class LowRankAdapter(AdapterKind, nn.Module):
         self.extra_meta: dict = {}
         self.attach_guards: list = [refuse_double_delta]
         self._slot: str | None = None
-        self._hook: DeltaHook | None = None
+        self._hooks: tuple | None = None
         self._handles: list = []
         self._grad_forward_seen = False
+        self.batch_shape = BatchShape()  # the model input's (batch, seq), for per-sample c
         self.eval()
 
     # ------------------------------------------------------------------ parts
     def add_part(self, part: TargetPart) -> None:
         """Put ``part`` in the ``parts`` tree under its target's name."""
+        target = self.layout[part.name]
+        part.routed, part.transposed = target.routed, target.transposed
         self.parts.add(part)
         part.bind(self)
         part.train(self.training)
@@ -232,9 +237,9 @@ class LowRankAdapter(AdapterKind, nn.Module):
         for target in self.layout:
             self.coefficient.on(target.device)  # every device's tensor now, not while tracing
         slot = free_slot(self.layout, f"modlora_{self.kind}")
-        if self._hook is None or self._hook.slot != slot:
-            self._hook = DeltaHook(slot)  # one hook object: compiled graphs are reused
-        self._handles = install(self.layout, self.parts, self._hook)
+        if self._hooks is None or self._hooks[0].slot != slot:  # the same hook objects each
+            self._hooks = (DeltaHook(slot), ExpertsDeltaHook(slot))  # time: graphs are reused
+        self._handles = install(self.layout, self.parts, self._hooks, self._model, self.batch_shape)
         self._slot = slot
         self._grad_forward_seen = False
         return self

@@ -95,7 +95,7 @@ def record_merge(model: nn.Module, adapter, c: float, originals: dict[str, Tenso
         adapter=adapter,
         c=c,
         originals=originals,
-        merged={n: weight_digest(adapter.layout[n].module.weight) for n in originals},
+        merged={n: weight_digest(adapter.layout[n].weight) for n in originals},
         kind=adapter.kind,
         names=tuple(tensors),
         first={k: v.detach().to("cpu", copy=True) for k, v in _first(tensors)[1].items()},

@@ -13,12 +13,14 @@ Memory per target is ``O(d_in² + max_rows · d_in)`` whatever the number of cal
 """
 
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from .expert_calibration import recording, routed_rows
 from .layout import TargetLayout
 
 SPLITS = ("all", "chosen", "rejected")
@@ -114,13 +116,15 @@ class Calibration:
         counts = {s[split].count for s in self.stats.values() if split in s}
         return max(counts) if counts else 0
 
-    def for_target(self, name: str) -> dict[str, RunningStats]:
-        if name not in self.stats:
+    def for_target(self, name: str, expert: int | None = None) -> dict[str, RunningStats]:
+        """The statistics of target ``name`` (of one expert of a fused expert weight)."""
+        key = stats_key(name, expert)
+        if key not in self.stats:
             raise KeyError(
-                f"calibration has no statistics for target {name!r}; collect it with the same "
+                f"calibration has no statistics for target {key!r}; collect it with the same "
                 f"layout (it covers {len(self.stats)} targets, e.g. {list(self.stats)[:3]})"
             )
-        return self.stats[name]
+        return self.stats[key]
 
     def nbytes(self) -> int:
         """Bytes held by the statistics (to check that memory does not grow with tokens)."""
@@ -133,15 +137,26 @@ class Calibration:
         return total
 
 
+def stats_key(name: str, expert: int | None) -> str:
+    """``name``, or ``name[e]`` for expert ``e`` of a fused expert weight."""
+    return name if expert is None else f"{name}[{expert}]"
+
+
+def _flat_mask(mask: Tensor | None, rows: int, where: str) -> Tensor | None:
+    """The calibration mask ``(batch, seq)`` over ``rows`` inputs (tokens, flattened)."""
+    if mask is None:
+        return None
+    if mask.numel() != rows:
+        raise ValueError(
+            f"calibration mask has shape {tuple(mask.shape)}, but {where} sees {rows} rows"
+        )
+    return mask.reshape(-1).to(torch.bool)
+
+
 def _rows(x: Tensor, mask: Tensor | None) -> Float[Tensor, "n d_in"]:
     rows = x.reshape(-1, x.shape[-1])  # (n, d_in)
-    if mask is None:
-        return rows
-    if mask.shape != x.shape[:-1]:
-        raise ValueError(
-            f"calibration mask has shape {tuple(mask.shape)}, the layer input {tuple(x.shape)}"
-        )
-    return rows[mask.reshape(-1).to(torch.bool)]
+    keep = _flat_mask(mask, rows.shape[0], f"the layer input {tuple(x.shape)}")
+    return rows if keep is None else rows[keep]
 
 
 def _split_batch(batch) -> tuple[tuple, dict, Tensor | None]:
@@ -189,8 +204,16 @@ def collect_calibration(
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows <= 0:
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
     if calibration is None:
+        keys = {
+            stats_key(t.name, e): t.d_in
+            for t in layout
+            for e in (range(t.experts) if t.experts else [None])
+        }
         calibration = Calibration(
-            {t.name: {s: RunningStats(t.d_in, max_rows, moments) for s in SPLITS} for t in layout}
+            {
+                k: {s: RunningStats(d_in, max_rows, moments) for s in SPLITS}
+                for k, d_in in keys.items()
+            }
         )
     runs = (
         [("chosen", batches), ("rejected", rejected)]
@@ -199,17 +222,24 @@ def collect_calibration(
     )
     state: dict = {"split": None, "mask": None}
 
+    def update(key: str, rows: Tensor) -> None:
+        calibration.stats[key][state["split"]].update(rows)
+        if state["split"] != "all":
+            calibration.stats[key]["all"].update(rows)
+
     def make_hook(name: str):
         def hook(module, args, output):
-            rows = _rows(args[0], state["mask"])
-            calibration.stats[name][state["split"]].update(rows)
-            if state["split"] != "all":
-                calibration.stats[name]["all"].update(rows)
+            update(name, _rows(args[0], state["mask"]))
 
         return hook
 
-    handles = [t.module.register_forward_hook(make_hook(t.name)) for t in layout]
-    try:
+    with ExitStack() as stack:
+        handles = [
+            t.module.register_forward_hook(make_hook(t.name)) for t in layout if t.param is None
+        ]
+        stack.callback(lambda: [h.remove() for h in handles])
+        for module, names in _experts_modules(layout).items():
+            stack.enter_context(_record_experts(module, names, state, update))
         for split, source in runs:
             state["split"] = split
             n_batches = 0
@@ -219,7 +249,41 @@ def collect_calibration(
                 n_batches += 1
             if n_batches == 0:
                 raise ValueError(f"calibration split {split!r} received no batches")
-    finally:
-        for handle in handles:
-            handle.remove()
     return calibration
+
+
+def _experts_modules(layout: TargetLayout) -> dict[nn.Module, dict[str, str]]:
+    """``{experts module: {param: target name}}`` of the layout's fused expert weights."""
+    out: dict[nn.Module, dict[str, str]] = {}
+    for t in layout:
+        if t.param is not None:
+            out.setdefault(t.module, {})[t.param] = t.name
+    return out
+
+
+@contextmanager
+def _record_experts(module: nn.Module, names: dict[str, str], state: dict, update):
+    """Record, per expert, the rows each fused weight of ``module`` is applied to."""
+    call: dict = {}
+
+    def pre(mod, args, kwargs):
+        index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
+        call["index"] = index  # (tokens, top_k) routing of this call
+        call["keep"] = _flat_mask(state["mask"], index.shape[0], f"{type(mod).__name__}")
+
+    def record(param: str, expert: int, x: Tensor) -> None:
+        tokens = routed_rows(call["index"], expert)
+        if tokens.numel() != x.shape[0]:
+            raise ValueError(
+                f"cannot calibrate {names[param]!r}: expert {expert} was given {x.shape[0]} rows "
+                f"but its router picked {tokens.numel()} tokens (an unrecognised experts loop)"
+            )
+        rows = x if call["keep"] is None else x[call["keep"][tokens.to(x.device)]]
+        update(stats_key(names[param], expert), rows.reshape(-1, x.shape[-1]))
+
+    handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with recording(module, list(names), record):
+            yield
+    finally:
+        handle.remove()

@@ -6,12 +6,13 @@ adds the ranks and the meta device; :func:`layout_of` is the layout of exactly t
 """
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .blocks import block_index, find_block_list
-from .layout import TargetLayout, is_target_type, make_target, unwrap_model
+from .layout import TargetLayout, candidate_targets, resolve_target, unwrap_model
 from .ranks import infer_rank
 
 
@@ -36,21 +37,20 @@ def require_dense(layout: TargetLayout, purpose: str) -> None:
 
 
 def layout_of(model: nn.Module, names: Sequence[str]) -> TargetLayout:
-    """The layout of exactly the layers ``names`` (model order), e.g. for factors from a file.
+    """The layout of exactly the weights ``names`` (model order), e.g. for factors from a file.
 
     Raises:
-        ValueError: a name that is not a linear layer of ``model``.
+        ValueError: a name that is neither a linear layer nor a fused expert weight of ``model``.
     """
     model = unwrap_model(model)
-    modules = dict(model.named_modules())
-    bad = [n for n in names if n not in modules or not is_target_type(modules[n])]
+    targets = {n: resolve_target(model, n) for n in names}
+    bad = [n for n, t in targets.items() if t is None]
     if bad:
         raise ValueError(f"{type(model).__name__} has no linear layer named {bad[:5]}")
     blocks = find_block_list(model)
-    wanted = set(names)
-    order = [n for n in modules if n in wanted]
+    order = [n for n, _ in candidate_targets(model) if n in targets]
     return TargetLayout(
-        targets={n: make_target(n, modules[n], block_index(n, blocks)) for n in order},
+        targets={n: replace(targets[n], block=block_index(n, blocks)) for n in order},
         blocks=blocks,
         patterns=tuple(order),
         exclude=(),
@@ -59,31 +59,40 @@ def layout_of(model: nn.Module, names: Sequence[str]) -> TargetLayout:
 
 
 def fit_problems(
-    model: nn.Module, shapes: Mapping[str, tuple[int, int]], source: str = "factors"
+    model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str = "factors"
 ) -> tuple[list[str], list[str]]:
-    """Why factors of logical shapes ``{target: (d_in, d_out)}`` do not fit ``model``.
+    """Why factors of logical shapes ``{target: (d_in, d_out[, experts])}`` do not fit ``model``.
 
-    The one "these factors fit this model" check: every name must be a linear layer of the
-    model with exactly those widths. ``source`` says where the shapes come from in messages.
+    The one "these factors fit this model" check: every name must be a linear layer (or, with
+    an expert count, a fused expert weight) of the model with exactly those widths. ``source``
+    says where the shapes come from in messages.
 
     Returns:
-        ``(absent, mismatched)``: names with no such linear layer, and ``"name: factors (...)
-        vs layer (...)"`` for width mismatches. Both empty: the factors fit.
+        ``(absent, mismatched)``: names with no such weight, and ``"name: factors (...)
+        vs model (...)"`` for width or expert-count mismatches. Both empty: the factors fit.
     """
-    modules = dict(unwrap_model(model).named_modules())
     absent, mismatched = [], []
-    for name, (d_in, d_out) in shapes.items():
-        module = modules.get(name)
-        if module is None or not is_target_type(module):
+    for name, shape in shapes.items():
+        t = resolve_target(model, name)
+        if t is None:
             absent.append(name)
             continue
-        t = make_target(name, module, None)
-        if (t.d_in, t.d_out) != (int(d_in), int(d_out)):
-            mismatched.append(
-                f"{name}: {source} (d_in={d_in}, d_out={d_out}) vs model "
-                f"(d_in={t.d_in}, d_out={t.d_out})"
+        d_in, d_out, *rest = (int(n) for n in shape)
+        experts = rest[0] if rest else None
+        if (t.d_in, t.d_out, t.experts) != (d_in, d_out, experts):
+            mine = f"d_in={d_in}, d_out={d_out}" + (f", experts={experts}" if experts else "")
+            theirs = f"d_in={t.d_in}, d_out={t.d_out}" + (
+                f", experts={t.experts}" if t.experts else ""
             )
+            mismatched.append(f"{name}: {source} ({mine}) vs model ({theirs})")
     return absent, mismatched
+
+
+def factor_shape(down: torch.Tensor, up: torch.Tensor) -> tuple[int, ...]:
+    """``(d_in, d_out)`` of factors ``down (r, d_in)``, ``up (d_out, r)``; with experts
+    ``(d_in, d_out, E)`` of ``(E, r, d_in)``, ``(E, d_out, r)``."""
+    shape = (int(down.shape[-1]), int(up.shape[-2]))
+    return shape + ((int(down.shape[0]),) if down.dim() == 3 else ())
 
 
 def factor_problems(
@@ -91,10 +100,10 @@ def factor_problems(
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     labels: tuple[str, str] = ("A", "B"),
 ) -> list[str]:
-    """Why ``{target: (down (r, d_in), up (d_out, r))}`` cannot be a delta on ``model``.
+    """Why ``{target: (down ([E,] r, d_in), up ([E,] d_out, r))}`` cannot be a delta on ``model``.
 
     Ranks must agree between the two factors (:func:`~modlora.ranks.infer_rank`), the tensors
-    must hold values (not ``meta``), and their widths must fit the layers (:func:`fit_problems`).
+    must hold values (not ``meta``), and their widths must fit the weights (:func:`fit_problems`).
     """
     problems, shapes = [], {}
     for name, (down, up) in factors.items():
@@ -105,7 +114,7 @@ def factor_problems(
             continue
         if down.device.type == "meta" or up.device.type == "meta":
             problems.append(f"{name}: factors are on the meta device (they hold no values)")
-        shapes[name] = (down.shape[-1], up.shape[-2])
+        shapes[name] = factor_shape(down, up)
     absent, mismatched = fit_problems(model, shapes)
     absent = [f"{name}: no such linear layer in {type(model).__name__}" for name in absent]
     return problems + absent + mismatched

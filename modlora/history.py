@@ -170,8 +170,8 @@ def _concatenate(model: nn.Module, rounds) -> tuple[list, dict, list]:
             pieces.setdefault(name, []).append((a, b))
     factors = {
         name: (
-            torch.cat([a for a, _ in parts], dim=0),  # (Σr, d_in)
-            torch.cat([b for _, b in parts], dim=1),  # (d_out, Σr)
+            torch.cat([a for a, _ in parts], dim=-2),  # ([E,] Σr, d_in)
+            torch.cat([b for _, b in parts], dim=-1),  # ([E,] d_out, Σr)
         )
         for name, parts in pieces.items()
     }

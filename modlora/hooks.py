@@ -24,14 +24,7 @@ from loguru import logger
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-
-def check_batch(name: str, x: Tensor, c: Tensor) -> None:
-    """A per-sample ``c`` needs the batch on the first axis of the layer's input."""
-    if x.dim() < 2 or x.shape[0] != c.shape[0]:
-        raise ValueError(
-            f"per-sample coefficient has {c.shape[0]} values but the input of {name!r} has "
-            f"shape {tuple(x.shape)} (batch must be the first axis)"
-        )
+from .samples import per_row, row_scale
 
 
 def add_delta(
@@ -68,7 +61,7 @@ def add_delta(
     if isinstance(c, Tensor):
         s = c * scale  # a fresh tensor: autograd never saves the coefficient itself
         if s.dim() == 1:
-            s = s.view(-1, *([1] * (h.dim() - 1)))  # (batch, 1, ..., 1)
+            s = row_scale(s, h)  # (rows, 1, ..., 1)
         h, alpha = h * s, 1.0
     else:
         alpha = c * scale
@@ -87,6 +80,21 @@ def add_delta(
     return output + delta.to(output.dtype)
 
 
+def current_c(adapter, device: torch.device) -> float | Tensor | None:
+    """The coefficient a hook applies now: a Python number, a tensor (``(batch,)``, or 0-d while
+    ``torch.compile`` traces, so changing ``c`` does not recompile), or ``None`` when the adapter
+    is switched off, gated off, or at scalar ``c == 0`` (read from a Python mirror: no sync)."""
+    if not adapter.enabled or (adapter.gate is not None and not adapter.gate()):
+        return None
+    coeff = adapter.coefficient
+    if torch.compiler.is_compiling():
+        return coeff.on(device)
+    if coeff.is_zero:
+        return None
+    c = coeff.scalar
+    return coeff.on(device) if c is None else c
+
+
 class DeltaHook:
     """The forward hook of one adapter on each of its target layers.
 
@@ -102,25 +110,16 @@ class DeltaHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         part = module._modules[self.slot]
-        adapter = part.adapter
-        if not adapter.enabled or (adapter.gate is not None and not adapter.gate()):
+        adapter = part.__dict__["_adapter"]
+        c = current_c(adapter, output.device)
+        if c is None:  # off, gated, or c == 0: the base output bit for bit
             return output
         x = args[0]
-        coeff = adapter.coefficient
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # c is a graph input: changing it does not recompile
-            c = coeff.on(output.device)
-        elif coeff.is_zero:  # Python mirror: no device sync, the base output bit for bit
-            return output
-        else:
-            c = coeff.scalar
-            if c is None:
-                c = coeff.on(output.device)
-        if isinstance(c, Tensor) and c.dim() == 1:
-            check_batch(part.name, x, c)
+        if isinstance(c, Tensor) and c.dim() == 1:  # per-sample: c of each row of x
+            c = per_row(part.name, x, c, adapter.batch_shape.shape, part.routed)
         a, b, scale = part.checked_factors()
         inplace = False
-        if compiling:
+        if torch.compiler.is_compiling():
             pass  # pure tensor math: no in-place add, no Python-side bookkeeping
         elif torch.is_grad_enabled():
             adapter.note_grad_forward()
@@ -159,6 +158,9 @@ def let_compiled_code_see_hooks() -> None:
     if config is None or not config.skip_nnmodule_hook_guards:
         return  # dynamo never loaded (nothing compiled), or the guards are already on
     config.skip_nnmodule_hook_guards = False
+    counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+    if counters is not None and not counters["frames"]["ok"]:
+        return  # nothing compiled yet: every later compilation guards on the hooks
     torch.compiler.reset()
     logger.info(
         "modlora: turned on torch.compile's guards on module hooks and reset compiled code, so "

@@ -7,7 +7,6 @@ on every target, or (after a failure half-way) neither is on any.
 
 from torch import nn
 
-from .hooks import DeltaHook
 from .layout import TargetLayout, unwrap_model
 from .part import AdapterStateError, Parts, TargetPart
 
@@ -34,21 +33,47 @@ def check_materialised(layout: TargetLayout, parts: Parts, what: str) -> None:
             )
 
 
-def install(layout: TargetLayout, parts: Parts, hook: DeltaHook) -> list:
-    """Register each part as ``layer.<hook.slot>`` and ``hook`` on each layer; the handles."""
+def install(
+    layout: TargetLayout, parts: Parts, hooks: tuple, model: nn.Module, batch_shape
+) -> list:
+    """Register the parts in the layers and the hooks on them; returns the handles.
+
+    A linear layer holds its part as ``layer.<slot>`` and ``hooks[0]`` (a
+    :class:`~modlora.hooks.DeltaHook`); an experts module holds a container ``<slot>`` with one
+    part per adapted fused weight and ``hooks[1]`` (an
+    :class:`~modlora.experts.ExpertsDeltaHook`) before and after its forward. The model records
+    its input's ``(batch, seq)`` in ``batch_shape`` (for per-sample ``c``).
+    """
+    linear_hook, experts_hook = hooks
+    slot = linear_hook.slot
     handles = []
     try:
+        handles.append(model.register_forward_pre_hook(batch_shape, with_kwargs=True))
+        containers: dict[int, nn.Module] = {}
         for target in layout:
-            target.module.register_module(hook.slot, parts[target.name])
-            handles.append(target.module.register_forward_hook(hook))
+            module, part = target.module, parts[target.name]
+            if target.param is None:
+                module.register_module(slot, part)
+                handles.append(module.register_forward_hook(linear_hook))
+                continue
+            if id(module) not in containers:
+                containers[id(module)] = nn.Module()
+                module.register_module(slot, containers[id(module)])
+                handles.append(module.register_forward_pre_hook(experts_hook.pre, with_kwargs=True))
+                handles.append(
+                    module.register_forward_hook(
+                        experts_hook.post, with_kwargs=True, always_call=True
+                    )
+                )
+            containers[id(module)].register_module(target.param, part)
     except BaseException:
-        uninstall(layout, hook.slot, handles)
+        uninstall(layout, slot, handles)
         raise
     return handles
 
 
 def uninstall(layout: TargetLayout, slot: str, handles: list) -> None:
-    """Remove the hooks and the parts registered under ``slot``."""
+    """Remove the hooks and the parts (or experts containers) registered under ``slot``."""
     for handle in handles:
         handle.remove()
     for target in layout:

@@ -1,4 +1,4 @@
-"""Which layers an adapter touches: :func:`find_targets` and :class:`TargetLayout`.
+"""Which weights an adapter touches: :func:`find_targets` and :class:`TargetLayout`.
 
 Targets are ``nn.Linear`` layers and transformers' ``Conv1D`` (GPT-2, weight stored
 ``(d_in, d_out)``). The block index of a target comes from the model's block list
@@ -6,10 +6,10 @@ Targets are ``nn.Linear`` layers and transformers' ``Conv1D`` (GPT-2, weight sto
 """
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
-import torch
 from torch import nn
 
 from .blocks import (
@@ -22,6 +22,8 @@ from .blocks import (
     matches_any,
     resolve_layer_range,
 )
+from .experts import fused_expert_params, hidden_size
+from .target import Target, expert_target, is_routed, is_target_type, make_target
 
 ALL_LINEAR = "all-linear"
 
@@ -42,88 +44,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
             continue
         return model
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D`` (a linear layer with weight ``(d_in, d_out)``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def is_target_type(module: nn.Module) -> bool:
-    """True for the layer types an adapter can attach to."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """True when the layer's weight is not a dense float tensor (bitsandbytes 4/8-bit, ...)."""
-    weight = module.weight
-    return (
-        type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point
-    )
-
-
-def execution_device(module: nn.Module) -> torch.device:
-    """Where ``module`` computes: its weight's device, or accelerate's execution device when
-    the weight is offloaded (kept on ``meta`` between forwards)."""
-    device = module.weight.device
-    if device.type == "meta":
-        hook = getattr(module, "_hf_hook", None)
-        target = getattr(hook, "execution_device", None)
-        if target is not None:
-            return torch.device(target)
-    return device
-
-
-@dataclass(frozen=True)
-class Target:
-    """One adapted layer.
-
-    Attributes:
-        name: the module's qualified name in the model (``model.layers.3.self_attn.q_proj``).
-        module: the layer itself.
-        d_in: input width.
-        d_out: output width.
-        block: index in the model's block list, or ``None`` outside it.
-        transposed: weight stored ``(d_in, d_out)`` (GPT-2 ``Conv1D``).
-        quantized: weight is not a dense float tensor.
-    """
-
-    name: str
-    module: nn.Module = field(compare=False, repr=False)
-    d_in: int
-    d_out: int
-    block: int | None
-    transposed: bool = False
-    quantized: bool = False
-
-    @property
-    def device(self) -> torch.device:
-        """The device the layer computes on (see :func:`execution_device`)."""
-        return execution_device(self.module)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.module.weight.dtype
-
-    @property
-    def offloaded(self) -> bool:
-        """The weight is not in memory (``meta``): a meta model, or accelerate offloading."""
-        return self.module.weight.device.type == "meta"
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as a ``(d_out, d_in)`` view (no copy); refuses quantized or meta layers."""
-        if self.quantized:
-            raise TypeError(
-                f"target {self.name!r} is quantized ({type(self.module.weight).__name__}); "
-                "this operation needs the dense weight — load the base model unquantized"
-            )
-        if self.offloaded:
-            raise TypeError(
-                f"target {self.name!r} has its weight on the meta device (a meta model, or "
-                "offloaded by accelerate); this operation needs the weight in memory"
-            )
-        weight = self.module.weight
-        return weight.T if self.transposed else weight
 
 
 @dataclass(frozen=True)
@@ -218,10 +138,10 @@ def find_targets(
             )
         band = resolve_layer_range(tuple(layer_range), blocks.size)
 
-    candidates = [(name, m) for name, m in model.named_modules() if name and is_target_type(m)]
+    candidates = candidate_targets(model)
     hits: dict[str, int] = {p: 0 for p in patterns}
     found: dict[str, Target] = {}
-    for name, module in candidates:
+    for name, build in candidates:
         matched = [p for p in patterns if p == ALL_LINEAR or re.search(p, name)]
         for p in matched:
             hits[p] += 1
@@ -230,13 +150,14 @@ def find_targets(
         index = block_index(name, blocks)
         if band is not None and in_band(name, blocks, layer_range) is False:
             continue
-        found[name] = make_target(name, module, index)
+        found[name] = build(index)
 
     missing = [p for p, n in hits.items() if n == 0]
     if missing:
         raise ValueError(
-            f"target pattern(s) {missing} matched no linear layer of {type(model).__name__} "
-            f"({len(candidates)} linear layers searched, e.g. {[n for n, _ in candidates[:3]]})"
+            f"target pattern(s) {missing} matched no linear layer or fused expert weight of "
+            f"{type(model).__name__} ({len(candidates)} searched, e.g. "
+            f"{[n for n, _ in candidates[:3]]})"
         )
     if not found:
         raise ValueError(
@@ -252,19 +173,34 @@ def find_targets(
     )
 
 
-def make_target(name: str, module: nn.Module, block: int | None) -> Target:
-    """The :class:`Target` of one linear layer."""
-    transposed = is_conv1d(module)
-    if transposed:
-        d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
-    else:
-        d_in, d_out = module.in_features, module.out_features
-    return Target(
-        name=name,
-        module=module,
-        d_in=int(d_in),
-        d_out=int(d_out),
-        block=block,
-        transposed=transposed,
-        quantized=is_quantized(module),
-    )
+def candidate_targets(model: nn.Module) -> list[tuple[str, Callable[[int | None], Target]]]:
+    """Every weight an adapter can attach to, in model order, as ``(name, build)`` pairs;
+    ``build(block)`` makes the :class:`Target` (a fused expert weight's orientation is
+    established only then, so a weight nobody selects never raises)."""
+    hidden = hidden_size(model)
+    modules = dict(model.named_modules())
+    out = []
+    for name, module in modules.items():
+        if name and is_target_type(module):
+            routed = is_routed(name, modules)
+            out.append((name, partial(make_target, name, module, routed=routed)))
+            continue
+        for param in fused_expert_params(module):
+            full = f"{name}.{param}" if name else param
+            out.append((full, partial(expert_target, full, module, param, hidden=hidden)))
+    return out
+
+
+def resolve_target(model: nn.Module, name: str) -> Target | None:
+    """The :class:`Target` called ``name`` in ``model`` (a linear layer or a fused expert
+    weight), or ``None`` when the model has no such weight."""
+    model = unwrap_model(model)
+    modules = dict(model.named_modules())
+    module = modules.get(name)
+    if module is not None and is_target_type(module):
+        return make_target(name, module, None, routed=is_routed(name, modules))
+    owner, _, param = name.rpartition(".")
+    module = modules.get(owner)
+    if module is not None and param in fused_expert_params(module):
+        return expert_target(name, module, param, None, hidden=hidden_size(model))
+    return None

@@ -27,20 +27,25 @@ def lora_factors(lora_a: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, 
 
 
 class LoRAPart(TargetPart):
-    """``lora_A (r, d_in)`` and ``lora_B (d_out, r)`` of one target, and its ``alpha / r``."""
+    """``lora_A (r, d_in)`` and ``lora_B (d_out, r)`` of one target — ``(E, r, d_in)`` and
+    ``(E, d_out, r)`` for fused experts — and its ``alpha / r``."""
 
-    def __init__(self, name, r, d_in, d_out, alpha, dropout, dtype, device) -> None:
-        super().__init__(name, dropout, pending_init=device.type == "meta")
+    def __init__(self, target, r, alpha, dropout, dtype) -> None:
+        device = target.device
+        super().__init__(target.name, dropout, pending_init=device.type == "meta")
         self.scale = float(alpha) / r
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(d_out, r, dtype=dtype, device=device))
+        lead = () if target.experts is None else (target.experts,)
+        self.lora_A = nn.Parameter(torch.empty(*lead, r, target.d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(*lead, target.d_out, r, dtype=dtype, device=device))
 
     def factors(self) -> tuple[Tensor, Tensor, float]:
-        return lora_factors(self.lora_A, self.lora_B, self.scale)
+        params = self._parameters  # read live (FSDP2 swaps them in); faster than attributes
+        return lora_factors(params["lora_A"], params["lora_B"], self.scale)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init for A
+        rows = self.lora_A.view(-1, self.lora_A.shape[-1])  # (E·r, d_in): fan_in = d_in
+        nn.init.kaiming_uniform_(rows, a=math.sqrt(5))  # PEFT's LoRA init for A
         self.lora_B.zero_()
         if init == "signed":
             self.lora_B.normal_(0.0, SIGNED_INIT_STD)
@@ -107,9 +112,7 @@ class ModulatedLoRA(LowRankAdapter):
         for t in layout:
             rank = self.rank_pattern.get(t.name, self.r)
             alpha = self.alpha_pattern.get(t.name, self.alpha)
-            self.add_part(
-                LoRAPart(t.name, rank, t.d_in, t.d_out, alpha, self.dropout_p, self.dtype, t.device)
-            )
+            self.add_part(LoRAPart(t, rank, alpha, self.dropout_p, self.dtype))
         self.reset_parameters()
         model.requires_grad_(False)
 

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from ._types import Coeff
 from .adapter import LowRankAdapter
 from .applied import merged_deltas, record_merge, refuse_double_delta, weight_digest
+from .experts import add_to_weight
 from .hooks import add_delta
-from .layout import Target, is_quantized
 from .merge_check import (
     MergeError,
     MergeReport,
@@ -40,6 +40,7 @@ from .merge_check import (
     probe_input,
 )
 from .part import AdapterStateError
+from .target import Target, is_quantized_weight
 
 
 def _tied_names(model: nn.Module) -> dict[int, list[str]]:
@@ -57,10 +58,11 @@ def _validate(model: nn.Module, adapter: LowRankAdapter, factors: dict) -> None:
         name, module = target.name, target.module
         a, b = factors[name]
         where = f" (A {tuple(a.shape)}, B {tuple(b.shape)})"
-        if modules.get(name) is not module:
+        owner = name if target.param is None else name.rpartition(".")[0]
+        if modules.get(owner) is not module:
             raise MergeError(name, "the model no longer has this layer under that name", where)
-        weight = module.weight
-        if target.quantized or is_quantized(module):
+        weight = target.weight
+        if target.quantized or is_quantized_weight(weight):
             raise MergeError(
                 name,
                 f"the layer is quantized ({type(weight).__name__}, {weight.dtype}) and modlora "
@@ -70,16 +72,18 @@ def _validate(model: nn.Module, adapter: LowRankAdapter, factors: dict) -> None:
         if weight.device.type == "meta":
             raise MergeError(name, "the weight is on the meta device (offloaded?)", where)
         logical = tuple(target.dense_weight().shape)
-        if logical != (target.d_out, target.d_in) or a.shape[1:] != (target.d_in,):
+        lead = target.shape[:-2]  # (E,) for fused experts
+        if logical != target.shape or a.shape[:-2] != lead or a.shape[-1] != target.d_in:
             raise MergeError(
                 name,
                 f"shape mismatch: weight {tuple(weight.shape)} (logical {logical}), layout "
-                f"(d_out={target.d_out}, d_in={target.d_in})",
+                f"{target.shape}",
                 where,
             )
-        if b.shape != (target.d_out, a.shape[0]):
+        if b.shape != (*lead, target.d_out, a.shape[-2]):
             raise MergeError(name, "shape mismatch between the factors", where)
-        tied = [n for n in storages.get(weight.data_ptr(), []) if n != f"{name}.weight"]
+        own = name if target.param else f"{name}.weight"
+        tied = [n for n in storages.get(weight.data_ptr(), []) if n != own]
         if tied:
             raise MergeError(
                 name,
@@ -94,11 +98,14 @@ def _validate(model: nn.Module, adapter: LowRankAdapter, factors: dict) -> None:
 def _merge_target(
     target: Target, a: Tensor, b: Tensor, adapter: LowRankAdapter, c: float, rtol: float
 ) -> tuple[float, bool]:
-    module, weight = target.module, target.dense_weight()  # (d_out, d_in) view
+    weight = target.dense_weight()  # ([E,] d_out, d_in) view
     x = probe_input(target.d_in, target.device, weight.dtype)
-    y_base = module.forward(x).float()
+    y_base = _outputs(target, x)
     hook_a, hook_b, scale = adapter.part(target.name).checked_factors()
-    delta = add_delta(torch.zeros_like(y_base), x, hook_a, hook_b, scale, c)  # the hook's math
+    if target.experts is None:
+        delta = add_delta(torch.zeros_like(y_base), x, hook_a, hook_b, scale, c)  # the hook's math
+    else:  # the experts hook's math: W + c·scale·B A, per expert
+        delta = torch.matmul(x, add_to_weight(weight, hook_b, hook_a, scale, c).mT).float() - y_base
     new = merged_weight(weight, a, b)
     if not bool(torch.isfinite(new).all()):
         raise MergeError(
@@ -107,9 +114,22 @@ def _merge_target(
             f" (weight {tuple(weight.shape)}, max |ΔW| {float((b @ a).abs().max()):.3e})",
         )
     weight.copy_(new)
-    y_merged = module.forward(x).float()
-    col_norms = torch.linalg.vector_norm(new.float(), dim=0)  # (d_in,)
-    return check_merged(target.name, y_base, y_merged, delta, col_norms, x, weight.dtype, rtol)
+    y_merged = _outputs(target, x)
+    col_norms = torch.linalg.vector_norm(new.float(), dim=-2)  # ([E,] d_in)
+    if target.experts is None:
+        return check_merged(target.name, y_base, y_merged, delta, col_norms, x, weight.dtype, rtol)
+    per_expert = [  # every expert is checked as a layer of its own
+        check_merged(f"{target.name}[{e}]", *ys, x, weight.dtype, rtol)
+        for e, ys in enumerate(zip(y_base, y_merged, delta, col_norms, strict=True))
+    ]
+    return max(r for r, _ in per_expert), any(below for _, below in per_expert)
+
+
+def _outputs(target: Target, x: Tensor) -> Tensor:
+    """The layer's output on probe rows ``x``, float32: ``(n, d_out)``, experts ``(E, n, d_out)``."""
+    if target.experts is None:
+        return target.module.forward(x).float()
+    return torch.matmul(x, target.dense_weight().mT).float()  # (E, n, d_out)
 
 
 def merge(
@@ -159,7 +179,7 @@ def merge(
     results: dict[str, tuple[float, bool]] = {}
     try:
         for target in adapter.layout:
-            weight = target.module.weight
+            weight = target.weight
             keep = weight.detach().to("cpu", copy=True) if store == "cpu" else weight.clone()
             originals[target.name] = keep
             a, b = factors[target.name]
@@ -201,7 +221,7 @@ def merge(
 @torch.no_grad()
 def _restore(adapter: LowRankAdapter, originals: dict[str, Tensor]) -> None:
     for name, original in originals.items():
-        adapter.layout[name].module.weight.copy_(original)
+        adapter.layout[name].weight.copy_(original)
 
 
 def unmerge(model: nn.Module, adapter: LowRankAdapter, *, force: bool = False) -> None:
@@ -232,7 +252,7 @@ def unmerge(model: nn.Module, adapter: LowRankAdapter, *, force: bool = False) -
                 f"(e.g. {shared[0]!r}); unmerge it first"
             )
     for name, original in entry.originals.items():
-        weight = adapter.layout[name].module.weight
+        weight = adapter.layout[name].weight
         if weight.shape != original.shape or weight.dtype != original.dtype:
             raise RuntimeError(
                 f"cannot unmerge {name!r}: the weight is now {tuple(weight.shape)} {weight.dtype}, "

@@ -67,9 +67,13 @@ def probe_input(d_in: int, device, dtype: torch.dtype) -> Float[Tensor, "n d_in"
 
 
 def merged_weight(
-    weight: Float[Tensor, "d_out d_in"], a: Float[Tensor, "r d_in"], b: Float[Tensor, "d_out r"]
-) -> Float[Tensor, "d_out d_in"]:
+    weight: Float[Tensor, "*experts d_out d_in"],
+    a: Float[Tensor, "*experts r d_in"],
+    b: Float[Tensor, "*experts d_out r"],
+) -> Float[Tensor, "*experts d_out d_in"]:
     """``W + B @ A`` accumulated in float32, cast once to ``W``'s dtype (a new tensor)."""
+    if weight.dim() == 3:  # fused experts: (E, d_out, d_in) + (E, d_out, r) @ (E, r, d_in)
+        return torch.baddbmm(weight.float(), b.float(), a.float()).to(weight.dtype)
     return torch.addmm(weight.float(), b.float(), a.float()).to(weight.dtype)
 
 

@@ -27,12 +27,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ._types import Coeff
-from .checkpoint import AdapterFactors, CheckpointError, read_factors, write_folder
+from .checkpoint import AdapterFactors, read_factors, write_folder
 from .checkpoint.folder import MANIFEST
 from .checkpoint.io import as_path
 from .checkpoint.validate import base_differences, report_base
 from .hooks import add_delta
 from .kinds import kind_class
+from .layout import resolve_target
 from .merge_check import (
     MergeError,
     MergeReport,
@@ -40,51 +41,115 @@ from .merge_check import (
     merged_weight,
     probe_input,
 )
-from .model_folder import Plan, plan, resolve_key, skeleton, weight_files
+from .merge_experts import DTYPES, Plan, converted_deltas, merge_converted, merge_fused, plan_fused
+from .model_folder import (
+    RECORD_NAME,
+    WEIGHT_SUFFIXES,
+    merged_before,
+    resolve_key,
+    shard_tensors,
+    skeleton_of,
+    weight_files,
+)
+from .target import is_conv1d
 
-__all__ = ["merge_checkpoint", "read_factors", "resolve_key"]
 
-RECORD_NAME = "modlora_merge.json"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, config) -> dict:
+    """``{target: [Plan]}``; every target is checked, the first failure raised listing the rest."""
+    modules = dict(skeleton.named_modules()) if skeleton is not None else {}
+    tied_out = None
+    text_config = config.get_text_config() if config is not None else None
+    if skeleton is not None and getattr(text_config, "tie_word_embeddings", False):
+        tied_out = skeleton.get_output_embeddings()
+    headers: dict[str, dict] = {}
+
+    def header(shard: str) -> dict:
+        if shard not in headers:
+            with safe_open(str(model_dir / shard), "pt") as f:
+                headers[shard] = {
+                    k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                    for k in f.keys()  # noqa: SIM118
+                }
+        return headers[shard]
+
+    plans, used, errors = {}, {}, []
+    for name, (a, b) in adapter.factors.items():
+        try:
+            fused = resolve_target(skeleton, name) if skeleton is not None else None
+            if fused is not None and fused.experts is not None:
+                found = plan_fused(fused, skeleton, weight_map, header, a)
+            elif a.dim() == 3:
+                raise MergeError(name, "a fused expert weight needs the folder's config.json")
+            else:
+                found = [_plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header)]
+            for plan in found:
+                if plan.key in used:
+                    raise MergeError(name, f"maps to {plan.key}, like target {used[plan.key]!r}")
+                used[plan.key] = name
+            plans[name] = found
+        except MergeError as err:
+            errors.append(err)
+    if errors:
+        first, rest = errors[0], [str(e) for e in errors[1:]]
+        more = f"; {len(rest)} more target(s) fail too: {rest[:3]}" if rest else ""
+        raise MergeError(first.target, f"{first.reason}{more}", " (nothing written to out_dir)")
+    return plans
 
 
-def _shard_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of one shard; unreadable data raises naming the shard."""
+def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header) -> Plan:
+    d_out, d_in = b.shape[0], a.shape[1]
     try:
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable safetensors shard: {err}") from err
+        transposed = None
+        key_name = name
+        if modules:
+            key_name = resolve_key(name, modules, "module")
+            if tied_out is not None and modules[key_name] is tied_out:
+                raise MergeError(name, "its weight is tied to the input embedding")
+            transposed = is_conv1d(modules[key_name])
+        key = resolve_key(key_name, weight_map, "weight key", ".weight")
+    except KeyError as err:
+        raise MergeError(name, f"{err.args[0]} in {model_dir}") from None
+    shard = weight_map[key]
+    shape, dtype = header(shard)[key]
+    if transposed is None:
+        if shape == (d_out, d_in) and d_in == d_out:
+            raise MergeError(name, f"cannot tell the orientation of square weight {key}")
+        transposed = shape == (d_in, d_out)
+    want = (d_in, d_out) if transposed else (d_out, d_in)
+    if shape != want:
+        raise MergeError(
+            name,
+            f"shape mismatch: {key} is {shape} in {shard}, the adapter needs {want} "
+            f"(A {tuple(a.shape)}, B {tuple(b.shape)})",
+        )
+    if dtype not in DTYPES:
+        raise MergeError(name, f"{key} is stored as {dtype}, not a float weight (quantized?)")
+    return Plan(name, key, shard, transposed, DTYPES[dtype])
 
 
 def _check_base(model_dir: Path, adapter: AdapterFactors, plans: dict, policy: str) -> None:
-    """The loader's base check, on the weights as stored in the folder's shards."""
+    """The loader's base check (:mod:`modlora.checkpoint.validate`), on the weights as stored in
+    the folder's shards. A fused weight stored per expert cannot be compared (warned)."""
     if policy == "ignore":
         return
+    unchecked = [name for name, found in plans.items() if found[0].converted]
+    if unchecked:
+        logger.warning(
+            "merge_checkpoint: {} fused expert weight(s) are stored per expert in {}; their base "
+            "fingerprints (of the fused weights) are not compared, e.g. {}",
+            len(unchecked),
+            model_dir,
+            unchecked[0],
+        )
     weights = {}
-    for shard in sorted({p.shard for p in plans.values()}):
-        tensors, _ = _shard_tensors(model_dir / shard)
-        for p in (p for p in plans.values() if p.shard == shard):
-            stored = tensors[p.key]
-            weights[p.name] = (stored, stored.T if p.transposed else stored)
+    for shard in sorted({f[0].shard for n, f in plans.items() if n not in unchecked}):
+        tensors, _ = shard_tensors(model_dir / shard)
+        for name, found in plans.items():
+            if name not in unchecked and found[0].shard == shard:
+                stored = tensors[found[0].key]
+                dense = stored.transpose(-2, -1) if found[0].transposed else stored
+                weights[name] = (stored, dense)
     report_base(adapter.spec, base_differences(adapter.spec, weights), policy, str(model_dir))
-
-
-def _merged_before(model_dir: Path, identity: str) -> str | None:
-    """The merge record of ``model_dir`` (and the folders it was merged from) that already
-    holds the delta ``identity``, if any."""
-    record_path = model_dir / RECORD_NAME
-    if not record_path.is_file():
-        return None
-    try:
-        record = json.loads(record_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{record_path}: unreadable merge record (not JSON)") from None
-    while isinstance(record, dict):
-        if record.get("adapter_digest") == identity:
-            return str(record.get("adapter"))
-        record = record.get("previous")
-    return None
 
 
 def _merge_one(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
@@ -117,8 +182,7 @@ def merge_checkpoint(
         model_dir: a transformers model folder (``model.safetensors`` or sharded with
             ``model.safetensors.index.json``).
         adapter_path: an adapter file written by ``adapter.save``.
-        out_dir: the folder to create; it loads with ``from_pretrained`` as a plain model. It
-            may not be, contain or lie inside ``model_dir`` or the adapter file.
+        out_dir: the folder to create; it loads with ``from_pretrained`` as a plain model.
         c: the coefficient to bake in; ``None`` uses the adapter's stored deployed ``c``.
         overwrite: replace an existing ``out_dir`` that an earlier merge wrote (only after
             everything succeeded; a folder holding anything else is never replaced).
@@ -130,8 +194,7 @@ def merge_checkpoint(
         A :class:`~modlora.merge.MergeReport`; the same facts go to ``out_dir/modlora_merge.json``.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it was not written by
-            an earlier merge (or holds other files too).
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         MergeError: a target has no weight key, the wrong shape, a non-float or tied weight, or
             fails verification. Nothing is written.
         CheckpointError: (a ``ValueError``) a bad adapter file, shard or shard index, or
@@ -145,28 +208,43 @@ def merge_checkpoint(
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     if check_base not in (None, "raise", "warn", "ignore"):
         raise ValueError(f"check_base must be 'raise', 'warn' or 'ignore', got {check_base!r}")
-    weight_map, headers = weight_files(model_dir)
-    model, config = skeleton(model_dir)
-    names = [n for n, _ in model.named_modules()] if model is not None else None
+    weight_map, _ = weight_files(model_dir)
+    skeleton, config = skeleton_of(model_dir)
+    names = [n for n, _ in skeleton.named_modules()] if skeleton is not None else None
     adapter = read_factors(adapter_path, c, names)
-    earlier = _merged_before(model_dir, adapter.spec.identity)
+    earlier = merged_before(model_dir, adapter.spec.identity)
     if earlier is not None:
         raise ValueError(
             f"{model_dir} already holds this delta (merged from {earlier}, per its "
             f"{RECORD_NAME}); merging {adapter.path} again would apply it twice"
         )
-    plans = plan(model_dir, adapter, weight_map, headers, model, config)
-    _check_base(model_dir, adapter, plans, check_base or kind_class(adapter.kind).base_check)
+    plans = _plan(model_dir, adapter, weight_map, skeleton, config)
+    policy = check_base or kind_class(adapter.kind).base_check
+    _check_base(model_dir, adapter, plans, policy)
+    n_tensors = sum(len(found) for found in plans.values())
 
     results: dict = {}
+    pieces: dict = {}  # {fused target: {disk key: delta}} while its shards are written
     summary = json.dumps({"adapter": adapter.path.name, "kind": adapter.kind, "c": adapter.c})
 
     def write(tmp: Path) -> None:
         for shard in sorted(set(weight_map.values())):  # one shard in memory at a time
-            tensors, meta = _shard_tensors(model_dir / shard)
-            for p in (p for p in plans.values() if p.shard == shard):
-                a, b = adapter.factors[p.name]
-                tensors[p.key], results[p.name] = _merge_one(p, tensors[p.key], a, b, rtol)
+            tensors, meta = shard_tensors(model_dir / shard)
+            for plan in (p for found in plans.values() for p in found if p.shard == shard):
+                a, b = adapter.factors[plan.name]
+                weight = tensors[plan.key]
+                if plan.converted:  # one expert's piece of a fused weight stored per expert
+                    if plan.name not in pieces:
+                        target = resolve_target(skeleton, plan.name)
+                        pieces[plan.name] = converted_deltas(target, skeleton, a, b)
+                    delta = pieces[plan.name].pop(plan.key)
+                    tensors[plan.key], results[plan.key] = merge_converted(
+                        plan, weight, delta, rtol
+                    )
+                elif plan.experts is not None:
+                    tensors[plan.key], results[plan.name] = merge_fused(plan, weight, a, b, rtol)
+                else:
+                    tensors[plan.key], results[plan.name] = _merge_one(plan, weight, a, b, rtol)
             save_file(tensors, str(tmp / shard), metadata={**meta, "modlora_merge": summary})
             del tensors
         previous = None
@@ -175,11 +253,11 @@ def merge_checkpoint(
                 previous = json.loads(item.read_text())
             elif item.name == MANIFEST:
                 continue
-            elif item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
+            elif item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)  # config, generation config, index, tokenizer
             elif item.is_dir():
                 logger.warning("merge_checkpoint: not copying sub-folder {}", item)
-        report = _report(adapter, results)
+        report = _report(adapter, results, n_tensors)
         record = {
             "adapter": str(adapter.path.resolve()),
             "adapter_digest": adapter.spec.identity,
@@ -187,7 +265,7 @@ def merge_checkpoint(
             **{k: getattr(report, k) for k in ("kind", "c", "attempted", "applied")},
             "worst_rel_error": report.worst_rel_error,
             "below_resolution": list(report.below_resolution),
-            "weights": {p.name: p.key for p in plans.values()},
+            "weights": {n: [p.key for p in found] for n, found in plans.items()},
             "previous": previous,
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
@@ -200,16 +278,17 @@ def merge_checkpoint(
         protect=(model_dir, adapter.path),
         legacy=lambda files: RECORD_NAME in files,  # merged folders from before manifests
     )
-    return _report(adapter, results)
+    return _report(adapter, results, n_tensors)
 
 
-def _report(adapter: AdapterFactors, results: dict) -> MergeReport:
+def _report(adapter: AdapterFactors, results: dict, attempted: int) -> MergeReport:
+    """The report; ``attempted`` counts on-disk tensors (one per expert when stored so)."""
     nonzero = {n: r for n, (r, _) in results.items() if r > 0}
     worst = max(nonzero, key=nonzero.get) if nonzero else None
     return MergeReport(
         kind=adapter.kind,
         c=adapter.c,
-        attempted=len(adapter.factors),
+        attempted=attempted,
         applied=len(results),
         worst_rel_error=nonzero[worst] if worst else 0.0,
         worst_target=worst,

@@ -1,32 +1,28 @@
-"""A saved transformers model folder, read without its weights: the plan of an offline merge.
+"""A saved transformers model folder, read without loading its weights.
 
-:func:`weight_files` reads the shard index (or the single ``model.safetensors``), every header
-checked (:func:`~modlora.checkpoint.io.header_only`), so a broken index, a missing or truncated
-shard raises :class:`~modlora.checkpoint.CheckpointError` naming the file. :func:`plan` maps
-each adapter target to its weight key, shard, stored shape and orientation (from a weightless
-skeleton built from ``config.json`` on the meta device, to tell GPT-2 ``Conv1D`` from
-``nn.Linear``), checking everything before anything is written.
+:func:`weight_files` maps every tensor key to its shard (``model.safetensors`` or a sharded
+``model.safetensors.index.json``), every header checked (a broken index, a missing or truncated
+shard raises :class:`~modlora.checkpoint.CheckpointError` naming the file); :func:`skeleton_of` builds the model from ``config.json`` on
+the meta device (module types and fused expert layouts, no memory); :func:`resolve_key` matches a
+module name to a key that may carry or lack a leading prefix.
 """
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from loguru import logger
+from safetensors import safe_open
+from torch import Tensor
 
-from .checkpoint import AdapterFactors, CheckpointError
+from .checkpoint import CheckpointError
 from .checkpoint.io import header_only
-from .digest import SAFETENSORS_DTYPES
-from .layout import is_conv1d
-from .merge_check import MergeError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-FLOAT_DTYPES = {
-    k: v for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point and v.itemsize >= 2
-}
+RECORD_NAME = "modlora_merge.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
 
 
 def resolve_key(name: str, available: Collection[str], what: str = "key", suffix: str = "") -> str:
@@ -49,6 +45,7 @@ def resolve_key(name: str, available: Collection[str], what: str = "key", suffix
     raise KeyError(f"no {what} {full!r} (nor one differing only by a prefix such as 'model.')")
 
 
+# ---------------------------------------------------------------------------- model folder
 def _read_index(path: Path) -> dict[str, str]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -69,6 +66,9 @@ def _read_index(path: Path) -> dict[str, str]:
 
 def weight_files(model_dir: Path) -> tuple[dict[str, str], dict[str, dict]]:
     """``({weight key: shard file name}, {shard: checked header})`` of a model folder.
+
+    Every shard's header is checked (:func:`~modlora.checkpoint.io.header_only`), so a broken
+    index, a missing or truncated shard raises naming the file before anything is planned.
 
     Raises:
         FileNotFoundError: no safetensors weights in the folder, or a shard the index names.
@@ -103,83 +103,52 @@ def weight_files(model_dir: Path) -> tuple[dict[str, str], dict[str, dict]]:
     return weight_map, headers
 
 
-def skeleton(model_dir: Path):
-    """``(model on the meta device, config)`` from ``config.json`` (no weights), or ``None``s."""
+def skeleton_of(model_dir: Path):
+    """The model built on the meta device from ``config.json`` (no weights), or ``None``.
+
+    The class is the config's ``architectures[0]``, else what ``AutoModelForCausalLM`` (then
+    ``AutoModel``) builds for the config.
+    """
     try:
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(str(model_dir))
-        cls = getattr(transformers, (config.architectures or [""])[0])
+        named = getattr(transformers, (config.architectures or [""])[0], None)
         with torch.device("meta"):
-            return cls(config), config
+            if named is not None:
+                return named(config), config
+            for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+                try:
+                    return auto.from_config(config), config
+                except ValueError:
+                    continue
+        raise ValueError(f"no transformers class builds a {type(config).__name__}")
     except Exception as err:  # custom code, no config...: fall back to shapes
         logger.warning("no model skeleton for {} ({}); orientation from shapes", model_dir, err)
         return None, None
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Where target ``name``'s weight is: ``key`` in ``shard``, stored transposed or not."""
-
-    name: str
-    key: str
-    shard: str
-    transposed: bool
-    dtype: torch.dtype
-
-
-def plan(
-    model_dir: Path, adapter: AdapterFactors, weight_map: dict, headers: dict, model, config
-) -> dict[str, Plan]:
-    """``{target: Plan}``; every target is checked, the first failure raised listing the rest."""
-    modules = dict(model.named_modules()) if model is not None else {}
-    tied_out = None
-    text_config = config.get_text_config() if config is not None else None
-    if model is not None and getattr(text_config, "tie_word_embeddings", False):
-        tied_out = model.get_output_embeddings()
-    plans, used, errors = {}, {}, []
-    for name, (a, b) in adapter.factors.items():
-        try:
-            p = _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers)
-            if p.key in used:
-                raise MergeError(name, f"maps to {p.key}, like target {used[p.key]!r}")
-            used[p.key], plans[name] = name, p
-        except MergeError as err:
-            errors.append(err)
-    if errors:
-        first, rest = errors[0], [str(e) for e in errors[1:]]
-        more = f"; {len(rest)} more target(s) fail too: {rest[:3]}" if rest else ""
-        raise MergeError(first.target, f"{first.reason}{more}", " (nothing written to out_dir)")
-    return plans
-
-
-def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, headers) -> Plan:
-    d_out, d_in = b.shape[0], a.shape[1]
+def shard_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of one shard; unreadable data raises naming the shard."""
     try:
-        transposed = None
-        key_name = name
-        if modules:
-            key_name = resolve_key(name, modules, "module")
-            if tied_out is not None and modules[key_name] is tied_out:
-                raise MergeError(name, "its weight is tied to the input embedding")
-            transposed = is_conv1d(modules[key_name])
-        key = resolve_key(key_name, weight_map, "weight key", ".weight")
-    except KeyError as err:
-        raise MergeError(name, f"{err.args[0]} in {model_dir}") from None
-    shard = weight_map[key]
-    entry = headers[shard][key]
-    shape, dtype = tuple(entry["shape"]), entry["dtype"]
-    if transposed is None:
-        if shape == (d_out, d_in) and d_in == d_out:
-            raise MergeError(name, f"cannot tell the orientation of square weight {key}")
-        transposed = shape == (d_in, d_out)
-    want = (d_in, d_out) if transposed else (d_out, d_in)
-    if shape != want:
-        raise MergeError(
-            name,
-            f"shape mismatch: {key} is {shape} in {shard}, the adapter needs {want} "
-            f"(A {tuple(a.shape)}, B {tuple(b.shape)})",
-        )
-    if dtype not in FLOAT_DTYPES:
-        raise MergeError(name, f"{key} is stored as {dtype}, not a float weight (quantized?)")
-    return Plan(name, key, shard, transposed, FLOAT_DTYPES[dtype])
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable safetensors shard: {err}") from err
+
+
+def merged_before(model_dir: Path, identity: str) -> str | None:
+    """The merge record of ``model_dir`` (and the folders it was merged from) that already
+    holds the delta ``identity``, if any."""
+    record_path = model_dir / RECORD_NAME
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{record_path}: unreadable merge record (not JSON)") from None
+    while isinstance(record, dict):
+        if record.get("adapter_digest") == identity:
+            return str(record.get("adapter"))
+        record = record.get("previous")
+    return None

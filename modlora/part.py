@@ -35,6 +35,8 @@ class TargetPart(nn.Module):
         self.name = name
         self.dropout = float(dropout)
         self.pending_init = pending_init
+        self.routed = False  # set from the target by the adapter: see modlora.samples
+        self.transposed = False  # a fused expert weight stored (E, d_in, d_out)
 
     @property
     def adapter(self):

@@ -27,6 +27,7 @@ from torch import Tensor
 from ._types import Coeff
 from .adapter import LowRankAdapter
 from .checkpoint import write_folder
+from .peft_experts import key_stems, to_peft
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,14 +76,19 @@ def export_peft(
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    stems = key_stems(adapter.layout)  # fused expert weights: PEFT's target_parameters keys
     with torch.no_grad():
         for name, part in adapter.named_parts():
             a, b, scale = part.checked_factors()
-            ranks[name] = a.shape[0]
-            alphas[name] = float(f"{scale * a.shape[0]:.12g}")  # PEFT's scaling = alpha / r
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-            b_c = (b.detach().float() * value).cpu().contiguous()  # c folded into B
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = b_c
+            rank = a.shape[-2]
+            ranks[name] = rank
+            alphas[name] = float(f"{scale * rank:.12g}")  # PEFT's scaling = alpha / r
+            a, b = a.detach().float(), b.detach().float() * value  # c folded into B
+            if name in stems:
+                a, b = to_peft(a, b)
+            stem = stems.get(name, f"{name}.")
+            tensors[f"{PREFIX}{stem}lora_A.weight"] = a.cpu().contiguous()
+            tensors[f"{PREFIX}{stem}lora_B.weight"] = b.cpu().contiguous()
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     rank_pattern = {n: k for n, k in ranks.items() if k != r}
@@ -103,10 +109,11 @@ def export_peft(
         "r": r,
         "lora_alpha": _number(alpha),
         "lora_dropout": getattr(adapter, "dropout_p", 0.0),
-        "target_modules": adapter.layout.names,
+        "target_modules": [n for n in adapter.layout.names if n not in stems],
+        "target_parameters": list(stems) or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(t.transposed for t in adapter.layout),
+        "fan_in_fan_out": any(t.transposed for t in adapter.layout if t.param is None),
         "init_lora_weights": True,
         "bias": "none",
         "use_dora": False,

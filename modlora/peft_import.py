@@ -21,16 +21,17 @@ from .checkpoint.io import as_path, read_file
 from .checkpoint.load import build_adapter
 from .checkpoint.spec import Spec, kind_config
 from .digest import tensors_digest
-from .layout import is_target_type, unwrap_model
+from .layout import resolve_target, unwrap_model
 from .lora import ModulatedLoRA
 from .model_folder import resolve_key
 from .peft import _KEY, CONFIG_NAME, PREFIX, WEIGHTS_NAME, pattern_key
+from .peft_experts import from_peft, resolve_stem, split_stem
 
 # adapter_config.json keys that never change the delta of a plain LoRA (or are checked apart).
 _NEUTRAL = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
     "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules",
-    "exclude_modules", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
+    "exclude_modules", "target_parameters", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "modules_to_save",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core",
     "qalora_group_size", "ensure_weight_tying", "runtime_config",
@@ -162,13 +163,17 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     if not isinstance(rslora, bool):
         raise CheckpointError(f"{where}: use_rslora must be true or false, got {rslora!r}")
     resolved, missing = {}, []
+    parameters = config.get("target_parameters") or []
     for peft_name, pair in sorted(factors.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{peft_dir}: target {peft_name!r} has only {sorted(pair)}")
+        wrapped, depth = split_stem(peft_name)  # target_parameters nest ParamWrappers
         try:
-            resolved[peft_name] = resolve_key(peft_name, modules, what="module")
+            module_name = resolve_key(wrapped, modules, what="module")
         except KeyError as err:
             missing.append(err.args[0])
+            continue
+        resolved[peft_name] = resolve_stem(module_name, depth, parameters, modules) or module_name
     if missing:
         raise ValueError(
             f"{peft_dir} does not fit this {type(model).__name__}: {len(missing)} target(s) "
@@ -187,18 +192,23 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     tensors, targets, ranks, alphas = {}, [], {}, {}
     for peft_name, pair in factors.items():
         name = resolved[peft_name]
-        if not is_target_type(modules[name]):
+        t = resolve_target(model, name)
+        if t is None:
             raise ValueError(
-                f"PEFT target {peft_name!r} is a {type(modules[name]).__name__}; only nn.Linear "
-                "and Conv1D layers import"
+                f"PEFT target {peft_name!r} is a {type(modules[name]).__name__}; only nn.Linear, "
+                "Conv1D and fused expert weights import"
             )
-        bad = [role for role, t in pair.items() if not t.is_floating_point()]
+        bad = [role for role, v in pair.items() if not v.is_floating_point()]
         if bad:
             raise CheckpointError(f"{peft_dir}: target {peft_name!r} has non-float {bad}")
-        key_r, key_a = pattern_key(rank_pattern, peft_name), pattern_key(alpha_pattern, peft_name)
+        if t.experts is not None:
+            lora_a, lora_b = from_peft(pair["lora_A"], pair["lora_B"], t.experts)
+            pair = {"lora_A": lora_a, "lora_B": lora_b}
+        key = name if t.experts else peft_name
+        key_r, key_a = pattern_key(rank_pattern, key), pattern_key(alpha_pattern, key)
         ranks[name] = rank_pattern[key_r] if key_r is not None else base["r"]
         alpha = alpha_pattern[key_a] if key_a is not None else base["alpha"]
-        rank = pair["lora_A"].shape[0] if pair["lora_A"].dim() == 2 else 0
+        rank = pair["lora_A"].shape[-2] if pair["lora_A"].dim() >= 2 else 0
         alphas[name] = alpha * math.sqrt(rank) if rslora else alpha  # alpha/sqrt(r) = α'/r
         tensors[name] = {role: pair[role].to(dtype) for role in ("lora_A", "lora_B")}
         targets.append(name)
@@ -206,7 +216,8 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     meta["alpha"] = alpha_default
     meta["rank_pattern"] = {n: k for n, k in ranks.items() if k != base["r"]}
     meta["alpha_pattern"] = {n: a for n, a in alphas.items() if a != alpha_default}
-    order = [n for n in modules if n in tensors]
+    index = {n: i for i, n in enumerate(modules)}  # model order; a fused weight after its owner
+    order = sorted(tensors, key=lambda n: index.get(n, index.get(n.rpartition(".")[0], -1) + 0.5))
     flat = {f"{n}.{role}": t for n in order for role, t in tensors[n].items()}
     spec = Spec(
         path=peft_dir / WEIGHTS_NAME,

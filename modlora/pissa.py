@@ -36,12 +36,13 @@ BASE_RTOL = 1e-3
 
 
 def pissa_factors(u: Tensor, vh: Tensor, delta_s: Tensor) -> tuple[Tensor, Tensor, float]:
-    """PiSSA's delta: ``A = Vh``, ``B = U · diag(delta_s)``, scale 1."""
-    return vh, u * delta_s, 1.0
+    """PiSSA's delta: ``A = Vh``, ``B = U · diag(delta_s)``, scale 1 (per expert when 3-D)."""
+    return vh, u * delta_s.unsqueeze(-2), 1.0
 
 
 class PiSSAPart(TargetPart):
-    """Frozen ``U (d_out, r)``, ``S (r,)``, ``Vh (r, d_in)`` and the trainable ``delta_s (r,)``."""
+    """Frozen ``U (d_out, r)``, ``S (r,)``, ``Vh (r, d_in)`` and the trainable ``delta_s (r,)``
+    (with a leading expert axis ``E`` for fused experts)."""
 
     def __init__(self, name: str, u: Tensor, s: Tensor, vh: Tensor, delta_s_init: float) -> None:
         super().__init__(name)
@@ -112,8 +113,9 @@ class ModulatedPiSSA(LowRankAdapter):
         if factors is None:
             require_dense(layout, "PiSSA's SVD (or use LoRA)")
             if calibration is not None:
-                for t in layout:
-                    calibration.for_target(t.name)  # every target must be calibrated
+                for t in layout:  # every target (every expert) must be calibrated
+                    for e in range(t.experts) if t.experts else [None]:
+                        calibration.for_target(t.name, e)
         else:
             _check_factor_keys(model, layout, factors)
         super().__init__(model, layout)
@@ -149,19 +151,26 @@ class ModulatedPiSSA(LowRankAdapter):
         """``{target: (U, S, Vh)}`` of the selected directions; fills ``selected``, ``tail_depth``."""
         out, depths = {}, []
         score = self.selection_score
+        method = svd if score == "s_only" else "full"
         for target in self.layout:
             k = min(target.d_in, target.d_out)
             rank = min(self.r, k)
-            method = svd if score == "s_only" else "full"
-            u, s, vh = top_singular(target.dense_weight().detach(), rank, method)
-            if score == "s_only":
-                idx = torch.arange(rank, device=s.device)
-            else:
-                stats = calibration.for_target(target.name)
-                idx = select_directions(direction_scores(score, s, vh, stats), rank)
-            self.selected[target.name] = idx.cpu()
-            depths.append(tail_depth(idx.cpu(), k))
-            out[target.name] = (u[:, idx], s[idx], vh[idx])
+            weight = target.dense_weight().detach()  # ([E,] d_out, d_in)
+            picks = []
+            for e, w in enumerate(weight.unbind(0) if target.experts else [weight]):
+                u, s, vh = top_singular(w, rank, method)
+                if score == "s_only":
+                    idx = torch.arange(rank, device=s.device)
+                else:
+                    stats = calibration.for_target(target.name, e if target.experts else None)
+                    idx = select_directions(direction_scores(score, s, vh, stats), rank)
+                depths.append(tail_depth(idx.cpu(), k))
+                picks.append((u[:, idx], s[idx], vh[idx], idx.cpu()))
+            u, s, vh, idx = (
+                torch.stack(x) if target.experts else x[0] for x in zip(*picks, strict=True)
+            )
+            self.selected[target.name] = idx  # ([E,] r)
+            out[target.name] = (u, s, vh)
         self.tail_depth = sum(depths) / len(depths)
         logger.info(
             "PiSSA r={} score={} on {} targets: tail depth {:.4f} (0 = top of S)",
@@ -201,12 +210,11 @@ class ModulatedPiSSA(LowRankAdapter):
             meta.get("r"), meta.get("selection_score"), meta.get("delta_s_init"), meta.get("dtype")
         )
         selected = meta.get("selected") or {}
-        if not isinstance(selected, dict) or not all(
-            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-            for v in selected.values()
-        ):
+        if not isinstance(selected, dict) or not all(_indices(v) for v in selected.values()):
             raise checks.invalid(
-                ValueError, "selected", f"selected must be {{target: [int, ...]}}, got {selected!r}"
+                ValueError,
+                "selected",
+                f"selected must be {{target: [int, ...] or [[int, ...] per expert]}}, got {selected!r}",
             )
         depth = meta.get("tail_depth")
         config["selected"] = {k: torch.tensor(v, dtype=torch.long) for k, v in selected.items()}
@@ -224,8 +232,9 @@ class ModulatedPiSSA(LowRankAdapter):
                 f"target {name!r}: U {tuple(tensors['U'].shape)}, Vh {tuple(tensors['Vh'].shape)}"
                 f": r={rank} exceeds the metadata r={config['r']}"
             )
-        check_rank_vector(name, "S", tensors["S"], rank)
-        check_rank_vector(name, "delta_s", tensors["delta_s"], rank)
+        experts = tensors["Vh"].shape[0] if tensors["Vh"].dim() == 3 else None
+        check_rank_vector(name, "S", tensors["S"], rank, experts)
+        check_rank_vector(name, "delta_s", tensors["delta_s"], rank, experts)
 
     @classmethod
     @torch.no_grad()
@@ -256,6 +265,17 @@ class ModulatedPiSSA(LowRankAdapter):
         return self
 
 
+def _indices(value) -> bool:
+    """A list of ints, or a list of lists of ints (one per expert)."""
+
+    def ints(v) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in v
+        )
+
+    return ints(value) or (isinstance(value, list) and bool(value) and all(ints(v) for v in value))
+
+
 def _check_factor_keys(model, layout, factors: Mapping[str, tuple[Tensor, Tensor, Tensor]]) -> None:
     missing = sorted(set(layout.names) - set(factors))
     unexpected = sorted(set(factors) - set(layout.names))
@@ -264,7 +284,7 @@ def _check_factor_keys(model, layout, factors: Mapping[str, tuple[Tensor, Tensor
     )
     for name, (_, s, vh) in factors.items():
         try:
-            check_rank_vector(name, "S", s, vh.shape[-2])
+            check_rank_vector(name, "S", s, vh.shape[-2], vh.shape[0] if vh.dim() == 3 else None)
         except ValueError as err:
             problems.append(str(err))
     if missing or unexpected or problems:

@@ -90,15 +90,18 @@ def infer_rank(
     return r_down
 
 
-def check_rank_vector(target: str, label: str, vector: Shape, rank: int) -> None:
-    """Check a per-direction vector (PiSSA ``S`` / ``delta_s``) has shape ``(rank,)``.
+def check_rank_vector(
+    target: str, label: str, vector: Shape, rank: int, experts: int | None = None
+) -> None:
+    """Check a per-direction vector (PiSSA ``S`` / ``delta_s``) has shape ``(rank,)`` — or
+    ``(experts, rank)`` for a fused expert weight.
 
     Raises:
         ValueError: any other shape; the message names the target, the label and the shape.
     """
-    shape = _shape(vector)
-    if shape != (rank,):
-        raise ValueError(f"target {target!r}: {label} has shape {shape}, expected ({rank},)")
+    shape, want = _shape(vector), (rank,) if experts is None else (experts, rank)
+    if shape != want:
+        raise ValueError(f"target {target!r}: {label} has shape {shape}, expected {want}")
 
 
 def infer_ranks(

@@ -123,6 +123,16 @@ BAD = [
     (["experiment=tiny_gpt2_heal", "objective.aggregate=median"], "objective.aggregate"),
     (["experiment=tiny_gpt2_heal", "objective.anchor=other"], "objective.anchor"),
     (["adapter=pissa", "adapter.selection_score=random"], "adapter.selection_score"),
+    (["adapter.lr=0"], "adapter.lr"),
+    (["eval.frontier.cosine=[0.9,0.99]"], "eval.frontier.cosine"),
+    (["eval.frontier.kl=[0.5,0.1]"], "eval.frontier.kl"),
+    (["eval.frontier.cosine=[1.0]"], "eval.frontier.cosine"),
+    (["eval.frontier.rel_tol=0"], "eval.frontier.rel_tol"),
+    (["eval.baselines.methods=[vector_top]"], "eval.baselines.methods"),
+    (["eval.baselines.methods=[vector_out,vector_out]"], "eval.baselines.methods"),
+    (["eval.baselines.mid_block=2"], "eval.baselines.mid_block"),
+    (["eval.calibration.max_c=0.5"], "eval.calibration.max_c"),
+    (["eval.bootstrap.n=1"], "eval.bootstrap.n"),
 ]
 
 

@@ -28,6 +28,8 @@ def test_joblib_multirun_writes_one_folder_per_job_and_a_summary(tmp_path):
         "data.n_train=10",
         "eval.c_grid=[-1,0,1]",
         "eval.calibrate=false",
+        "eval.frontier.max_evals=4",
+        "eval.baselines.methods=[]",
         "plot=false",
         "threads=1",
         f"hydra.sweep.dir={sweep}",
@@ -50,7 +52,10 @@ def test_joblib_multirun_writes_one_folder_per_job_and_a_summary(tmp_path):
         assert (job / "train.log").is_file()
         ranks.append(json.loads((job / "metrics.json").read_text())["r"])
     assert sorted(ranks) == [2, 4]
-    summary = (sweep / "summary.md").read_text().splitlines()
-    assert len(summary) == 4  # header, separator, two jobs
+    tables = (sweep / "summary.md").read_text().split("\n\n")
+    assert len(tables[0].splitlines()) == 4  # header, separator, two jobs
+    # then the frontier over seeds: the two jobs differ in adapter.r, so two groups of one seed
+    assert "mean ± sd over seeds" in tables[1]
+    assert "adapter.r=2" in tables[1] and "adapter.r=4" in tables[1]
     assert "sweep summary" in done.stdout
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()

@@ -1,13 +1,18 @@
 """The embedded contrastive sentiment set for the default encoder run (deterministic, offline).
 
 Training pairs are templated sentences that differ only in sentiment: the same subject and frame
-with a positive or a negative word. The held-out pairs use subjects, frames and sentiment words
-that never occur in training, so an adapter that passes the held-out evaluation has learnt the
-trait, not the templates. Separately, hand-written labelled sentences train the evaluation
-probe, and neutral sentences with paraphrases measure the trait score and content preservation.
+with a positive or a negative word; the run's seed decides which of them are drawn. The held-out
+pairs use subjects, frames and sentiment words that never occur in training, so an adapter that
+passes the held-out evaluation has learnt the trait, not the templates. Half of the held-out
+subjects, with hand-written labelled sentences, train the evaluation probe; the other half give
+the opinionated evaluation sentences. Neutral sentences with paraphrases measure the trait score
+and content preservation.
 """
 
 import random
+
+OPINIONATED_PAIRS = 48  # opinionated evaluation pairs (96 sentences: 48 positive, 48 negative)
+OPINIONATED_SEED = 1234  # fixed: every run seed is evaluated on the same sentences
 
 # ---------------------------------------------------------------- training vocabulary
 TRAIN_SUBJECTS = (
@@ -250,11 +255,27 @@ def train_pairs(n: int = 240, seed: int = 0) -> list[dict]:
     return pool[:n]
 
 
-def heldout_pairs() -> list[dict]:
-    """Held-out pairs: subjects, frames and sentiment words never seen in training."""
-    return _pairs(
-        HELDOUT_SUBJECTS, HELDOUT_ADJECTIVES, HELDOUT_ADJ_FRAMES, HELDOUT_VERBS, HELDOUT_VERB_FRAMES
+def heldout_pairs(part: str = "all") -> list[dict]:
+    """Held-out pairs: subjects, frames and sentiment words never seen in training.
+
+    Args:
+        part: ``"all"`` (192 pairs); ``"probe"``: the pairs of the even-numbered held-out subjects
+            (96, they label the evaluation probe); ``"opinionated"``: 48 pairs drawn with a fixed
+            seed from the odd-numbered subjects (the opinionated evaluation sentences, never seen
+            by the probe or by training; the same for every run seed).
+    """
+    if part == "all":
+        subjects = HELDOUT_SUBJECTS
+    elif part in ("probe", "opinionated"):
+        subjects = HELDOUT_SUBJECTS[0::2] if part == "probe" else HELDOUT_SUBJECTS[1::2]
+    else:
+        raise ValueError(f"part must be 'all', 'probe' or 'opinionated', got {part!r}")
+    pairs = _pairs(
+        subjects, HELDOUT_ADJECTIVES, HELDOUT_ADJ_FRAMES, HELDOUT_VERBS, HELDOUT_VERB_FRAMES
     )
+    if part == "opinionated":
+        pairs = random.Random(OPINIONATED_SEED).sample(pairs, OPINIONATED_PAIRS)
+    return pairs
 
 
 def probe_sentences() -> tuple[list[str], list[int]]:

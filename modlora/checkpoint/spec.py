@@ -86,7 +86,7 @@ def base_fingerprints(adapter) -> tuple[dict[str, str | None], dict[str, str | N
     the weight is not in memory."""
     v1, v2 = {}, {}
     for target in adapter.layout:
-        weight = base_weight(adapter.model, target.name, target.module.weight)
+        weight = base_weight(adapter.model, target.name, target.weight)
         absent = weight.device.type == "meta"
         v1[target.name] = None if absent else weight_fingerprint(weight)
         v2[target.name] = None if absent else sample_fingerprint(weight)

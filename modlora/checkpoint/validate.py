@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..applied import base_weight
 from ..digest import FINGERPRINTS
-from ..fit import fit_problems
-from ..layout import TargetLayout, find_targets, make_target, unwrap_model
+from ..fit import factor_shape, fit_problems
+from ..layout import TargetLayout, find_targets, resolve_target
 from ..ranks import infer_rank
 from .io import CheckpointError
 from .spec import Spec
@@ -87,12 +87,11 @@ def check_tensors(spec: Spec) -> dict[str, int]:
     return ranks
 
 
-def layer_shapes(spec: Spec) -> dict[str, tuple[int, int]]:
-    """``{target: (d_in, d_out)}`` read from the tensors."""
+def layer_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
+    """``{target: (d_in, d_out[, experts])}`` read from the tensors."""
     down_role, up_role = spec.cls.factor_roles
     return {
-        name: (parts[down_role].shape[-1], parts[up_role].shape[-2])
-        for name, parts in spec.tensors.items()
+        name: factor_shape(parts[down_role], parts[up_role]) for name, parts in spec.tensors.items()
     }
 
 
@@ -144,7 +143,7 @@ def base_differences(spec: Spec, weights: Mapping[str, tuple]) -> list[str]:
         if expected is not None and fingerprint(stored) != expected:
             differ.append(name)
             continue
-        if dense is not None and name in spec.tensors:
+        if dense is not None and dense.dim() == 2 and name in spec.tensors:
             problem = spec.cls.base_problem(spec.config, name, spec.tensors[name], dense)
             if problem is not None:
                 differ.append(f"{name} ({problem})")
@@ -171,13 +170,12 @@ def check_base(spec: Spec, model: nn.Module, policy: BaseCheck) -> None:
     """Compare the model's base weights (before any merge still in place) with the file's."""
     if policy == "ignore":
         return
-    modules = dict(unwrap_model(model).named_modules())
     weights = {}
     for name in spec.tensors:
-        target = make_target(name, modules[name], None)
-        stored = base_weight(model, name, target.module.weight)
+        target = resolve_target(model, name)
+        stored = base_weight(model, name, target.weight)
         dense = None
         if not (target.quantized or stored.device.type == "meta"):
-            dense = stored.T if target.transposed else stored
+            dense = target.logical(stored)  # (d_out, d_in), or (E, d_out, d_in) for experts
         weights[name] = (stored, dense)
     report_base(spec, base_differences(spec, weights), policy, f"this {type(model).__name__}")
