@@ -20,7 +20,8 @@ from .merge import merge, unmerge
 from .merge_check import MergeError, MergeReport
 from .merge_checkpoint import merge_checkpoint
 from .part import AdapterStateError, TargetPart
-from .peft import export_peft, import_peft
+from .peft import export_peft
+from .peft_import import import_peft
 from .pissa import ModulatedPiSSA
 from .ranks import check_rank_vector, infer_rank, infer_ranks
 from .selection import SELECTION_SCORES, tail_depth

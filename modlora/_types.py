@@ -5,10 +5,16 @@ output width), ``r`` (adapter rank), ``k`` (number of singular directions, ``min
 ``n`` (calibration rows), ``experts`` (``E``, the experts of a fused MoE weight). ``*lead`` stands for any leading axes (``batch``, ``batch seq``...).
 """
 
+from numbers import Integral, Real
+
 from jaxtyping import Float
 from torch import Tensor
 
-Coeff = float | int | Float[Tensor, ""] | Float[Tensor, " batch"]
+Number = Real
+"""A real number: ``int``, ``float`` or a NumPy scalar (``numbers.Real``)."""
+Count = Integral
+"""An integer: ``int`` or a NumPy integer (``numbers.Integral``)."""
+Coeff = Number | Float[Tensor, ""] | Float[Tensor, " batch"]
 """A signed coefficient: a number, a 0-d tensor, or one value per sample."""
 
 FactorA = Float[Tensor, "*experts r d_in"]

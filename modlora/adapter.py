@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._types import Coeff, FactorA, FactorB
+from .applied import refuse_double_delta
 from .checkpoint import load_adapter, save_adapter
 from .coefficient import Coefficient, validate_coeff
 from .experts import ExpertsDeltaHook
@@ -75,7 +76,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         self.gate = None
         self.deployed_c: float | None = None
         self.extra_meta: dict = {}
-        self.attach_guards: list = []
+        self.attach_guards: list = [refuse_double_delta]
         self._slot: str | None = None
         self._hooks: tuple | None = None
         self._handles: list = []
@@ -118,7 +119,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
 
     # ------------------------------------------------------------------ factors
     @torch.no_grad()
-    def delta_factors(self, c: float | int = 1.0) -> dict[str, tuple[FactorA, FactorB]]:
+    def delta_factors(self, c: Coeff = 1.0) -> dict[str, tuple[FactorA, FactorB]]:
         """The delta at coefficient ``c`` as factors, ``{target name: (A, B)}``, ``ΔW = B @ A``.
 
         ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)`` with ``c`` and the scale folded in, both
@@ -165,7 +166,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         self.coefficient.set(c)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path, extra_meta: dict | None = None, c: float | int | None = None):
+    def save(self, path, extra_meta: dict | None = None, c: Coeff | None = None):
         """Write the adapter to one ``.safetensors`` file (see :mod:`modlora.checkpoint`).
 
         Args:

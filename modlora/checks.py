@@ -19,21 +19,29 @@ def invalid(kind: type[Exception], name: str, message: str) -> Exception:
     return err
 
 
-def _scalar(value):
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+def scalar(value):
+    """A NumPy scalar, a 0-d array or a 0-d tensor as the Python number it holds (else as is)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.device.type != "meta":
+            return value.item()
+        return value
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
         return value.item()
     return value
 
 
 def number(value, name: str) -> float:
     """A finite real number (not a bool)."""
-    value = _scalar(value)
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise invalid(TypeError, name, f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise invalid(ValueError, name, f"{name} must be finite, got {value!r}")
-    return value
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise invalid(ValueError, name, f"{name} must be finite, got {value!r:.60}")
+    return out
 
 
 def positive_number(value, name: str) -> float:
@@ -46,7 +54,7 @@ def positive_number(value, name: str) -> float:
 
 def positive_int(value, name: str) -> int:
     """An int > 0 (not a bool, not a float)."""
-    value = _scalar(value)
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
         raise invalid(ValueError, name, f"{name} must be a positive int, got {value!r}")
     return int(value)
@@ -98,3 +106,43 @@ def per_target(value, name: str, check) -> dict:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise invalid(TypeError, name, f"{name} must map target names to values, got {value!r}")
     return {k: check(v, f"{name}[{k!r}]") for k, v in value.items()}
+
+
+def json_object(value, name: str) -> dict:
+    """A JSON object that comes back from a JSON round trip exactly as given.
+
+    ``str`` keys; values ``None``, bools, ints, finite floats, strings, lists and such objects.
+    NumPy scalars and 0-d tensors become the Python number they hold. Anything that would come
+    back changed or not at all (a tuple, a set, a non-``str`` key, NaN, an object) raises
+    ``TypeError`` (``ValueError`` for a non-finite number) naming where it is.
+    """
+    if not isinstance(value, Mapping):
+        raise invalid(TypeError, name, f"{name} must be a dict, got {type(value).__name__}")
+    return _json(value, name)
+
+
+def _json(value, where: str):
+    value = scalar(value)
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        return number(value, where)
+    if isinstance(value, list):
+        return [_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise invalid(
+                    TypeError,
+                    where,
+                    f"{where} has the key {k!r} ({type(k).__name__}): JSON keys are strings, so "
+                    f"it would come back as {str(k)!r}; use a str key",
+                )
+            out[k] = _json(v, f"{where}[{k!r}]")
+        return out
+    what = type(value).__name__
+    hint = "; use a list" if isinstance(value, tuple | set | frozenset) else ""
+    raise invalid(TypeError, where, f"{where} is a {what}, which JSON cannot store as it is{hint}")

@@ -14,30 +14,47 @@ from numbers import Real
 import torch
 
 from ._types import Coeff
+from .checks import scalar
 
 
 def validate_coeff(c: Coeff) -> float | torch.Tensor:
     """Check ``c`` and return it as a float or a 1-D float tensor.
 
+    A NumPy scalar, a 0-d array or a 0-d tensor means the number it holds; a 1-D NumPy array
+    means the same as a 1-D tensor.
+
     Raises:
-        TypeError: not a number or tensor.
-        ValueError: non-finite values, or a tensor that is neither 0-d nor ``(batch,)``.
+        TypeError: not a real number or a real tensor (a bool, a complex number, a string...).
+        ValueError: non-finite or too large values, a tensor on the meta device (no values), or
+            a tensor that is neither 0-d nor ``(batch,)``.
     """
-    if isinstance(c, bool):
-        raise TypeError("coefficient c must be a number or a tensor, got a bool")
-    if isinstance(c, Real):
-        value = float(c)
-        if not math.isfinite(value):
-            raise ValueError(f"coefficient c must be finite, got {value}")
-        return value
-    if not isinstance(c, torch.Tensor):
+    if isinstance(c, torch.Tensor):
+        if c.is_complex() or c.dtype == torch.bool:
+            raise TypeError(f"coefficient c must be a real number, got a {c.dtype} tensor")
+        if c.device.type == "meta":
+            raise ValueError("coefficient c is a tensor on the meta device: it holds no value")
+    elif getattr(c, "ndim", None) == 1 and hasattr(c, "__array__"):
+        c = torch.as_tensor(c.__array__())  # a (batch,) NumPy array
+    value = scalar(c)
+    if isinstance(value, bool) or (
+        not isinstance(value, Real) and not isinstance(value, torch.Tensor)
+    ):
         raise TypeError(
             f"coefficient c must be a float or a (batch,) tensor, got {type(c).__name__}"
         )
-    if c.dim() == 0:
-        return validate_coeff(float(c))
+    if isinstance(value, Real):
+        try:
+            out = float(value)
+        except OverflowError:
+            out = math.inf
+        if not math.isfinite(out):
+            raise ValueError(f"coefficient c must be finite, got {value!r:.60}")
+        return out
+    c = value
     if c.dim() != 1 or c.numel() == 0:
         raise ValueError(f"per-sample coefficient c must have shape (batch,), got {tuple(c.shape)}")
+    if c.dtype == torch.bool or c.is_complex():
+        raise TypeError(f"coefficient c must be real numbers, got a {c.dtype} tensor")
     if not c.dtype.is_floating_point:
         c = c.float()
     if not bool(torch.isfinite(c).all()):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import checks
 from .adapter import LowRankAdapter
 from .coefficient import validate_coeff
+from .digest import adapter_digest, adapter_probe
 from .fit import factor_problems, layout_of
 from .kinds import register_kind
 from .part import TargetPart
@@ -104,6 +105,10 @@ class HistoryBake(LowRankAdapter):
         """``HistoryBake(model, factors=factors, ...)``: from concatenated factors."""
         return cls(model, gate=gate, attach=attach, factors=factors, round_info=round_info)
 
+    def contained_deltas(self) -> list[dict]:
+        """Its rounds (``round_info`` entries that carry a digest)."""
+        return [info for info in self.round_info if isinstance(info.get("digest"), str)]
+
     def remove(self) -> None:
         """Detach the history's hooks: the model is the base again, bit for bit."""
         self.detach()
@@ -170,7 +175,16 @@ def _concatenate(model: nn.Module, rounds) -> tuple[list, dict, list]:
         )
         for name, parts in pieces.items()
     }
-    info = [{"kind": a.kind, "c": float(c), "ranks": a.ranks()} for a, c in rounds]
+    info = [
+        {
+            "kind": a.kind,
+            "c": float(c),
+            "ranks": a.ranks(),
+            "digest": adapter_digest(a),
+            "probe": adapter_probe(a),
+        }
+        for a, c in rounds
+    ]
     return [a for a, _ in rounds], factors, info
 
 

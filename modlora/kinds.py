@@ -65,6 +65,19 @@ class AdapterKind:
         """Raise ``ValueError`` naming ``name`` if its tensors contradict ``config`` (beyond the
         shapes, which are checked for every kind)."""
 
+    def contained_deltas(self) -> list[dict]:
+        """Other adapters' deltas this one holds, as ``{"kind", "ranks": {target: r}, "digest"}``
+        (a history: its rounds); checked against what is in the model before it attaches."""
+        return []
+
+    @classmethod
+    def base_problem(
+        cls, config: dict, name: str, tensors: dict[str, Tensor], weight: Tensor
+    ) -> str | None:
+        """Why ``tensors`` cannot have been made on the dense base ``weight (d_out, d_in)``
+        (``None``: no objection). Run on load and offline merge besides the fingerprints."""
+        return None
+
     @classmethod
     def rebuild(cls, model, layout, config: dict, tensors: dict):
         """The adapter from ``config`` and ``{target: {role: tensor}}`` (validated already; no

@@ -18,6 +18,7 @@ from .blocks import (
     LayerRange,
     block_index,
     find_block_list,
+    in_band,
     matches_any,
     resolve_layer_range,
 )
@@ -147,7 +148,7 @@ def find_targets(
         if not matched or matches_any(name, exclude):
             continue
         index = block_index(name, blocks)
-        if band is not None and index is not None and index not in band:
+        if band is not None and in_band(name, blocks, layer_range) is False:
             continue
         found[name] = build(index)
 

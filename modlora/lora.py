@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
+from ._types import Count, Number
 from .adapter import LowRankAdapter
 from .blocks import DEFAULT_EXCLUDE, LayerRange
 from .kinds import register_kind
@@ -87,8 +88,8 @@ class ModulatedLoRA(LowRankAdapter):
     def __init__(
         self,
         model: nn.Module,
-        r: int = 16,
-        alpha: float | int = 32.0,
+        r: Count = 16,
+        alpha: Number = 32.0,
         targets: Sequence[str] | str = ("all-linear",),
         exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
         layer_range: LayerRange | None = None,

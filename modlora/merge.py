@@ -15,16 +15,14 @@ Decisions:
 * A merged adapter may not be merged again before :func:`unmerge`; merges of different adapters
   may stack and are undone last-in first-out where they share targets.
 * An *attached* adapter is refused (its hooks would add the delta a second time); detach it (a
-  :class:`~modlora.HistoryBake`: ``remove()``) first. Likewise a merged adapter refuses to attach
-  until it is unmerged (an ``attach_guards`` entry). ``enabled``/``gate`` are run-time switches
+  :class:`~modlora.HistoryBake`: ``remove()``) first. A delta already in the model (this adapter
+  merged, or an identical copy merged or attached: :mod:`modlora.applied`) is refused too, and
+  likewise a merged delta refuses to attach until it is unmerged. ``enabled``/``gate`` are run-time switches
   that a plain weight cannot have: the merge ignores them.
 * Refused before anything is written: quantized or meta/offloaded weights, a weight tied to another
   parameter (``lm_head`` sharing the embedding), a non-float weight, factors that do not fit, a
   weight sharded by FSDP2.
 """
-
-import weakref
-from dataclasses import dataclass
 
 import torch
 from loguru import logger
@@ -32,9 +30,9 @@ from torch import Tensor, nn
 
 from ._types import Coeff
 from .adapter import LowRankAdapter
+from .applied import merged_deltas, record_merge, refuse_double_delta, weight_digest
 from .experts import add_to_weight
 from .hooks import add_delta
-from .layout import unwrap_model
 from .merge_check import (
     MergeError,
     MergeReport,
@@ -45,22 +43,6 @@ from .merge_check import (
 from .part import AdapterStateError
 from .sharding import is_dtensor, unmergeable_shard
 from .target import Target, is_quantized_weight
-
-
-@dataclass
-class _Merged:
-    adapter: LowRankAdapter
-    c: float
-    originals: dict[str, Tensor]  # target name -> original weight, storage layout
-    sums: dict[str, tuple[float, float]]  # fingerprint of the merged weight (sum, sum of |w|)
-
-
-_MERGES: "weakref.WeakKeyDictionary[nn.Module, list[_Merged]]" = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(weight: Tensor) -> tuple[float, float]:
-    w = weight.detach().double()
-    return float(w.sum()), float(w.abs().sum())
 
 
 def _tied_names(model: nn.Module) -> dict[int, list[str]]:
@@ -191,9 +173,7 @@ def merge(
             f"{kind} is attached: merging it would apply its delta twice; detach() it "
             "(HistoryBake: remove()) before merging"
         )
-    stack = _MERGES.setdefault(model, [])
-    if any(m.adapter is adapter for m in stack):
-        raise AdapterStateError(f"{kind} is already merged into this model; unmerge() it first")
+    refuse_double_delta(adapter, "merge")
 
     for target in adapter.layout:  # before delta_factors, which would gather the shards
         if is_dtensor(target.weight):
@@ -220,11 +200,7 @@ def merge(
             err.args = (f"{err.args[0]}; restored {len(originals)} weight(s): model unchanged",)
         raise
 
-    sums = {t.name: _fingerprint(t.weight) for t in adapter.layout}
-    stack.append(_Merged(adapter, value, originals, sums))
-    guards = getattr(adapter, "attach_guards", None)
-    if guards is not None and _refuse_while_merged not in guards:
-        guards.append(_refuse_while_merged)
+    record_merge(model, adapter, value, originals)
     nonzero = {n: r for n, r in results.items() if r[0] > 0}
     worst = max(nonzero, key=lambda n: nonzero[n][0]) if nonzero else None
     faint = tuple(n for n, (_, below) in results.items() if below)
@@ -245,15 +221,6 @@ def merge(
         below_resolution=faint,
         targets=tuple(results),
     )
-
-
-def _refuse_while_merged(adapter: LowRankAdapter) -> None:
-    """An attach guard: a merged adapter's hooks would add its delta a second time."""
-    if any(m.adapter is adapter for m in _MERGES.get(adapter.model, [])):
-        raise AdapterStateError(
-            f"{type(adapter).__name__} is merged into the model's weights; attaching it would "
-            "apply its delta twice — unmerge() it first"
-        )
 
 
 @torch.no_grad()
@@ -277,7 +244,7 @@ def unmerge(model: nn.Module, adapter: LowRankAdapter, *, force: bool = False) -
         RuntimeError: a merged weight changed shape, dtype or values since the merge (values:
             unless ``force``). Nothing is restored in that case.
     """
-    stack = _MERGES.get(unwrap_model(model), [])
+    stack = merged_deltas(model)
     index = next((i for i, m in enumerate(stack) if m.adapter is adapter), None)
     if index is None:
         raise AdapterStateError(f"{type(adapter).__name__} is not merged into this model")
@@ -296,13 +263,10 @@ def unmerge(model: nn.Module, adapter: LowRankAdapter, *, force: bool = False) -
                 f"cannot unmerge {name!r}: the weight is now {tuple(weight.shape)} {weight.dtype}, "
                 f"it was {tuple(original.shape)} {original.dtype} when merged"
             )
-        if not force and _fingerprint(weight) != entry.sums[name]:
+        if not force and weight_digest(weight) != entry.merged[name]:
             raise RuntimeError(
                 f"cannot unmerge {name!r}: its weight changed since the merge (trained or edited?); "
                 "unmerge(..., force=True) restores the pre-merge weight and drops that change"
             )
     _restore(adapter, entry.originals)
     del stack[index]
-    guards = getattr(adapter, "attach_guards", None)
-    if guards is not None and _refuse_while_merged in guards:
-        guards.remove(_refuse_while_merged)

@@ -4,7 +4,10 @@
 plans every target (weight key, stored shape, orientation) from the safetensors headers and a
 weightless skeleton of the model (``config.json`` on the meta device, to tell GPT-2 ``Conv1D``
 from ``nn.Linear``), checks everything, then rewrites one shard at a time into a temporary folder
-that is renamed to ``out_dir`` only at the end. A failure leaves no ``out_dir``.
+that is swapped in for ``out_dir`` only at the end (:func:`~modlora.checkpoint.write_folder`):
+a failure, or a kill, leaves any previous ``out_dir`` as it was. The merge record
+(``modlora_merge.json``) names the adapter by its tensor digest, so merging a delta into a folder
+that already holds it is refused.
 
 The adapter file is read by :func:`~modlora.checkpoint.read_factors`: the same parsing and
 validation as :func:`~modlora.load_adapter`, and the delta from the stored kind's own factor
@@ -24,7 +27,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ._types import Coeff
-from .checkpoint import AdapterFactors, read_factors, weight_fingerprint, write_folder
+from .checkpoint import AdapterFactors, read_factors, write_folder
+from .checkpoint.folder import MANIFEST
+from .checkpoint.io import as_path
+from .checkpoint.validate import base_differences, report_base
 from .hooks import add_delta
 from .kinds import kind_class
 from .layout import resolve_target
@@ -36,10 +42,16 @@ from .merge_check import (
     probe_input,
 )
 from .merge_experts import DTYPES, Plan, converted_deltas, merge_converted, merge_fused, plan_fused
-from .model_folder import WEIGHT_SUFFIXES, resolve_key, skeleton_of, weight_files
+from .model_folder import (
+    RECORD_NAME,
+    WEIGHT_SUFFIXES,
+    merged_before,
+    resolve_key,
+    shard_tensors,
+    skeleton_of,
+    weight_files,
+)
 from .target import is_conv1d
-
-RECORD_NAME = "modlora_merge.json"
 
 
 def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, config) -> dict:
@@ -116,18 +128,12 @@ def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header) -> P
 
 
 def _check_base(model_dir: Path, adapter: AdapterFactors, plans: dict, policy: str) -> None:
-    differ, unchecked = [], []
-    for name, found in plans.items():
-        expected = adapter.fingerprints.get(name)
-        if expected is None:
-            continue
-        if found[0].converted:  # the fingerprint is of the fused weight the model holds
-            unchecked.append(name)
-            continue
-        with safe_open(str(model_dir / found[0].shard), "pt") as f:
-            if weight_fingerprint(f.get_tensor(found[0].key)) != expected:
-                differ.append(name)
-    if unchecked and policy != "ignore":
+    """The loader's base check (:mod:`modlora.checkpoint.validate`), on the weights as stored in
+    the folder's shards. A fused weight stored per expert cannot be compared (warned)."""
+    if policy == "ignore":
+        return
+    unchecked = [name for name, found in plans.items() if found[0].converted]
+    if unchecked:
         logger.warning(
             "merge_checkpoint: {} fused expert weight(s) are stored per expert in {}; their base "
             "fingerprints (of the fused weights) are not compared, e.g. {}",
@@ -135,14 +141,15 @@ def _check_base(model_dir: Path, adapter: AdapterFactors, plans: dict, policy: s
             model_dir,
             unchecked[0],
         )
-    if differ:
-        msg = (
-            f"{adapter.path} was made on a different base than {model_dir}: {len(differ)} "
-            f"target weight(s) differ, e.g. {differ[:3]}"
-        )
-        if policy == "raise":
-            raise ValueError(msg + " (pass check_base='warn' or 'ignore' if intended)")
-        logger.warning("{}", msg)
+    weights = {}
+    for shard in sorted({f[0].shard for n, f in plans.items() if n not in unchecked}):
+        tensors, _ = shard_tensors(model_dir / shard)
+        for name, found in plans.items():
+            if name not in unchecked and found[0].shard == shard:
+                stored = tensors[found[0].key]
+                dense = stored.transpose(-2, -1) if found[0].transposed else stored
+                weights[name] = (stored, dense)
+    report_base(adapter.spec, base_differences(adapter.spec, weights), policy, str(model_dir))
 
 
 def _merge_one(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
@@ -177,7 +184,8 @@ def merge_checkpoint(
         adapter_path: an adapter file written by ``adapter.save``.
         out_dir: the folder to create; it loads with ``from_pretrained`` as a plain model.
         c: the coefficient to bake in; ``None`` uses the adapter's stored deployed ``c``.
-        overwrite: replace an existing ``out_dir`` (only after everything succeeded).
+        overwrite: replace an existing ``out_dir`` that an earlier merge wrote (only after
+            everything succeeded; a folder holding anything else is never replaced).
         check_base: base-weight fingerprint mismatch: ``"raise"`` (PiSSA default), ``"warn"``
             (LoRA / history default) or ``"ignore"``.
         rtol: verification tolerance (see :func:`modlora.merge.check_merged`).
@@ -189,14 +197,14 @@ def merge_checkpoint(
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         MergeError: a target has no weight key, the wrong shape, a non-float or tied weight, or
             fails verification. Nothing is written.
-        ValueError: a bad adapter file, or (``check_base="raise"``) another base model.
+        CheckpointError: (a ``ValueError``) a bad adapter file, shard or shard index, or
+            (``check_base="raise"``) another base model.
+        ValueError: ``out_dir`` overlaps an input; ``model_dir`` already holds this delta.
     """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir = as_path(model_dir, "model_dir")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model_dir {model_dir} is not a folder")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError("out_dir must differ from model_dir (the base folder is never modified)")
-    if out_dir.exists() and not overwrite:
+    if as_path(out_dir, "out_dir").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     if check_base not in (None, "raise", "warn", "ignore"):
         raise ValueError(f"check_base must be 'raise', 'warn' or 'ignore', got {check_base!r}")
@@ -204,8 +212,15 @@ def merge_checkpoint(
     skeleton, config = skeleton_of(model_dir)
     names = [n for n, _ in skeleton.named_modules()] if skeleton is not None else None
     adapter = read_factors(adapter_path, c, names)
+    earlier = merged_before(model_dir, adapter.spec.identity)
+    if earlier is not None:
+        raise ValueError(
+            f"{model_dir} already holds this delta (merged from {earlier}, per its "
+            f"{RECORD_NAME}); merging {adapter.path} again would apply it twice"
+        )
     plans = _plan(model_dir, adapter, weight_map, skeleton, config)
-    _check_base(model_dir, adapter, plans, check_base or kind_class(adapter.kind).base_check)
+    policy = check_base or kind_class(adapter.kind).base_check
+    _check_base(model_dir, adapter, plans, policy)
     n_tensors = sum(len(found) for found in plans.values())
 
     results: dict = {}
@@ -214,9 +229,7 @@ def merge_checkpoint(
 
     def write(tmp: Path) -> None:
         for shard in sorted(set(weight_map.values())):  # one shard in memory at a time
-            with safe_open(str(model_dir / shard), "pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            tensors, meta = shard_tensors(model_dir / shard)
             for plan in (p for found in plans.values() for p in found if p.shard == shard):
                 a, b = adapter.factors[plan.name]
                 weight = tensors[plan.key]
@@ -238,6 +251,8 @@ def merge_checkpoint(
         for item in sorted(model_dir.iterdir()):
             if item.name == RECORD_NAME:
                 previous = json.loads(item.read_text())
+            elif item.name == MANIFEST:
+                continue
             elif item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)  # config, generation config, index, tokenizer
             elif item.is_dir():
@@ -245,6 +260,7 @@ def merge_checkpoint(
         report = _report(adapter, results, n_tensors)
         record = {
             "adapter": str(adapter.path.resolve()),
+            "adapter_digest": adapter.spec.identity,
             "base_model_dir": str(model_dir.resolve()),
             **{k: getattr(report, k) for k in ("kind", "c", "attempted", "applied")},
             "worst_rel_error": report.worst_rel_error,
@@ -257,7 +273,14 @@ def merge_checkpoint(
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
-    write_folder(out_dir, write, overwrite)
+    write_folder(
+        out_dir,
+        write,
+        overwrite,
+        writer="merge_checkpoint",
+        protect=(model_dir, adapter.path),
+        legacy=lambda files: RECORD_NAME in files,  # merged folders from before manifests
+    )
     return _report(adapter, results, n_tensors)
 
 

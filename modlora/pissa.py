@@ -30,6 +30,10 @@ from .selection import (
     top_singular,
 )
 
+BASE_RTOL = 1e-3
+"""Base check: ``|U_i^T W Vh_i − S_i| <= 1e-3 · max(S)``. fp32 SVD round-off is ~1e-6 of
+``max(S)``; another base (or a corrupted U / Vh) moves the projections by far more."""
+
 
 def pissa_factors(u: Tensor, vh: Tensor, delta_s: Tensor) -> tuple[Tensor, Tensor, float]:
     """PiSSA's delta: ``A = Vh``, ``B = U · diag(delta_s)``, scale 1 (per expert when 3-D)."""
@@ -231,6 +235,16 @@ class ModulatedPiSSA(LowRankAdapter):
         experts = tensors["Vh"].shape[0] if tensors["Vh"].dim() == 3 else None
         check_rank_vector(name, "S", tensors["S"], rank, experts)
         check_rank_vector(name, "delta_s", tensors["delta_s"], rank, experts)
+
+    @classmethod
+    @torch.no_grad()
+    def base_problem(cls, config: dict, name: str, tensors: dict, weight: Tensor) -> str | None:
+        """``U_i^T W Vh_i = S_i`` within ``BASE_RTOL · max(S)``: U, S, Vh are this W's SVD."""
+        u, s, vh = (tensors[k].to(weight.device, torch.float32) for k in ("U", "S", "Vh"))
+        proj = ((u.T @ weight.float()) * vh).sum(dim=1)  # (r,) = U_i^T W Vh_i
+        err = float((proj - s).abs().max())
+        bad = err > BASE_RTOL * float(s.abs().max())
+        return f"U, S, Vh are not its SVD: |U^T W Vh - S| = {err:.3g}" if bad else None
 
     @classmethod
     def rebuild(cls, model, layout, config, tensors) -> "ModulatedPiSSA":

@@ -9,8 +9,11 @@ A training-state checkpoint is a folder:
                           names, and the digest of the adapter tensors it belongs to
 ========================  ==========================================================================
 
-Both files are written atomically, adapter first. A crash between the two leaves a state file
-whose digest no longer matches the adapter, and :func:`resume_training` says so.
+The folder is written whole and swapped in at once (:func:`~modlora.checkpoint.write_folder`),
+so a failed or killed save leaves the previous state as it was. The state file records the
+digest of the adapter tensors it belongs to, and the optimizer's and scheduler's classes;
+:func:`resume_training` checks them, and the adapter file as the loader does, before it loads
+anything.
 
 - **Resume** (:func:`resume_training`): the same run continues. Build the adapter, optimizer and
   scheduler exactly as at the start of the run (or the adapter with
@@ -27,24 +30,36 @@ Example:
     >>> forked = fork_training("run/step_100", model)
 """
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import checks
 from .adapter import LowRankAdapter
-from .checkpoint.io import StoredFile, read_file
-from .checkpoint.spec import group_tensors, metadata_of
-from .kinds import kind_class
+from .checkpoint.folder import write_folder
+from .checkpoint.io import as_path, read_file
+from .checkpoint.load import read_spec
+from .checkpoint.spec import metadata_of
+from .checkpoint.validate import check_base, check_model, check_tensors
 from .rng import capture_rng, restore_rng
+from .state_file import (
+    ADAPTER_FILE,
+    DIGEST_METHOD,
+    STATE_FILE,
+    STATE_VERSION,
+    check_optimizer,
+    class_name,
+    read_state,
+    serialised,
+)
 
-ADAPTER_FILE = "adapter.safetensors"
-STATE_FILE = "training_state.pt"
-STATE_VERSION = 1
 _CONFIG_KEYS = (
     "kind",
     "r",
@@ -87,14 +102,9 @@ def _param_names(adapter: LowRankAdapter, optimizer: torch.optim.Optimizer) -> l
     return out
 
 
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    folder = Path(path)
-    return folder / ADAPTER_FILE, folder / STATE_FILE
-
-
 def _config(adapter: LowRankAdapter) -> dict:
     """The adapter's configuration as :func:`~modlora.read_metadata` would decode it."""
-    meta = metadata_of(adapter, {}, None, fingerprints={})
+    meta = metadata_of(adapter, {}, None)
     plain = ("kind", "dtype")
     return {k: meta[k] if k in plain else json.loads(meta[k]) for k in _CONFIG_KEYS if k in meta}
 
@@ -111,7 +121,12 @@ def save_training_state(
     extra_meta: dict | None = None,
     c: float | None = None,
 ) -> Path:
-    """Write a training-state folder (created if needed) that :func:`resume_training` reads.
+    """Write a training-state folder that :func:`resume_training` reads.
+
+    The folder is written whole and swapped in only when complete
+    (:func:`~modlora.checkpoint.write_folder`): a failed or killed save leaves the previous
+    state at ``path`` as it was. ``path`` may be a new folder, an empty one, or an earlier
+    training state; a folder holding anything else is never replaced.
 
     Args:
         path: the folder.
@@ -128,56 +143,44 @@ def save_training_state(
 
     Raises:
         ValueError: a negative step, or optimizer parameters that are not the adapter's.
+        TypeError: ``extra`` that would not load back. Nothing is written in either case.
+        FileExistsError: ``path`` holds something that is not a training state.
     """
     rng = capture_rng()  # first: nothing below may draw from the RNGs before they are saved
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    step = checks.scalar(step)
+    if isinstance(step, bool) or not isinstance(step, Integral) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     names = _param_names(adapter, optimizer)
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    adapter_path, state_path = _paths(folder)
-    ckpt.save_adapter(adapter, adapter_path, extra_meta=extra_meta, c=c)
     state = {
         "version": STATE_VERSION,
-        "step": step,
-        "adapter_digest": read_file(adapter_path).identity,
+        "step": int(step),
+        "digest_method": DIGEST_METHOD,
+        "adapter_digest": "",
         "param_names": names,
         "optimizer": optimizer.state_dict(),
+        "optimizer_class": class_name(optimizer),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scheduler_class": class_name(scheduler),
         "rng": rng,
         "extra": dict(extra or {}),
     }
-    ckpt.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-    return folder
+    serialised(state)  # refuse an unloadable state before anything is written
+
+    def write(tmp: Path) -> None:
+        ckpt.save_adapter(adapter, tmp / ADAPTER_FILE, extra_meta=extra_meta, c=c)
+        state["adapter_digest"] = read_file(tmp / ADAPTER_FILE).identity
+        (tmp / STATE_FILE).write_bytes(serialised(state))
+
+    return write_folder(
+        path,
+        write,
+        overwrite=True,
+        writer="save_training_state",
+        legacy=lambda files: files <= {ADAPTER_FILE, STATE_FILE},
+    )
 
 
 # ---------------------------------------------------------------------------- resume
-def _read_state(path: str | os.PathLike) -> tuple[StoredFile, dict]:
-    adapter_path, state_path = _paths(path)
-    for p in (adapter_path, state_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{path} is not a training-state folder: {p.name} is missing")
-    file = read_file(adapter_path)
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ckpt.CheckpointError(f"{state_path}: unreadable training state: {err}") from err
-    missing = {"version", "step", "adapter_digest", "param_names", "optimizer", "rng"} - set(state)
-    if missing:
-        raise ckpt.CheckpointError(f"{state_path}: missing entries {sorted(missing)}")
-    if state["version"] > STATE_VERSION:
-        raise ckpt.CheckpointError(
-            f"{state_path}: training-state version {state['version']} is newer than this "
-            f"modlora supports ({STATE_VERSION})"
-        )
-    if state["adapter_digest"] != file.identity:
-        raise ckpt.CheckpointError(
-            f"{state_path} does not belong to {adapter_path.name} (different adapter tensors: "
-            "an interrupted save, or files copied from two runs)"
-        )
-    return file, state
-
-
 def resume_training(
     path: str | os.PathLike,
     adapter: LowRankAdapter,
@@ -189,11 +192,13 @@ def resume_training(
     """Continue a run: load weights, optimizer, scheduler and RNG states saved at ``path``.
 
     ``adapter``, ``optimizer`` and ``scheduler`` are built as at the start of the run (same
-    config, same parameter order). Everything is checked before anything is loaded. The adapter
-    is left in training mode. The RNG states are restored last, and :func:`save_training_state`
-    captures them first, so call them right where the loop stops and restarts: anything that
-    draws random numbers in between (data shuffling, a type checker sampling containers) is
-    not part of the saved stream.
+    config, same classes, same parameter order). The adapter file goes through the loader's own
+    checks (tensors, model fit, base weights by the kind's policy), and everything is checked
+    before anything is loaded; a failure while loading puts the adapter, optimizer and
+    scheduler back as they were. The adapter is left in training mode. The RNG states are
+    restored last, and :func:`save_training_state` captures them first, so call them right where
+    the loop stops and restarts: anything that draws random numbers in between is not part of
+    the saved stream.
 
     Args:
         path: a folder written by :func:`save_training_state`.
@@ -207,11 +212,15 @@ def resume_training(
 
     Raises:
         FileNotFoundError: not a training-state folder.
-        CheckpointError: unreadable or mismatched files.
-        ValueError: the adapter's config, the optimizer's parameters or the scheduler's
-            presence differ from the saved run (all differences listed).
+        CheckpointError: unreadable, malformed or mismatched files, or (PiSSA) another base.
+        ValueError: the adapter's config, the optimizer's class or parameters, or the
+            scheduler's class or presence differ from the saved run (differences listed).
     """
-    file, state = _read_state(path)
+    file, state = read_state(path)
+    spec = read_spec(file.path, [n for n, _ in adapter.model.named_modules()])
+    check_tensors(spec)
+    check_model(spec, adapter.model)
+    check_base(spec, adapter.model, spec.cls.base_check)
     saved = ckpt.read_metadata(file.path)
     mine = _config(adapter)
     theirs = {k: saved.get(k) for k in mine}
@@ -225,16 +234,28 @@ def resume_training(
             f"{[len(g) for g in state['param_names']]}, given {[len(g) for g in names]} "
             "(build the optimizer from adapter.parameters(), in the same order)"
         )
-    if (scheduler is None) != (state.get("scheduler") is None):
-        saved = "had" if state.get("scheduler") is not None else "had no"
-        raise ValueError(f"the saved run {saved} scheduler; pass the same (or none)")
-    adapter.load_target_tensors(
-        group_tensors(file.tensors, kind_class(saved["kind"]).roles, file.path)
+    check_optimizer(state, optimizer, scheduler)
+
+    before = (
+        {
+            n: {r: t.detach().clone() for r, t in p.items()}
+            for n, p in adapter.target_tensors().items()
+        },
+        copy.deepcopy(optimizer.state_dict()),
+        copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
     )
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    adapter.deployed_c, adapter.extra_meta = saved.get("c"), saved.get("extra_meta") or {}
+    try:
+        adapter.load_target_tensors({n: spec.tensors[n] for n in adapter.target_tensors()})
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except BaseException:
+        adapter.load_target_tensors(before[0])
+        optimizer.load_state_dict(before[1])
+        if scheduler is not None:
+            scheduler.load_state_dict(before[2])
+        raise
+    adapter.deployed_c, adapter.extra_meta = spec.c, spec.extra_meta
     adapter.train()
     out = TrainingState(step=int(state["step"]), path=Path(path), extra=state.get("extra") or {})
     if rng:
@@ -257,10 +278,10 @@ def fork_training(path: str | os.PathLike, model: nn.Module, **load_kwargs) -> L
     Raises:
         ValueError: the checkpoint holds a frozen history (nothing to train).
     """
-    source = Path(path)
+    source = as_path(path)
     step = None
     if source.is_dir():
-        _, state = _read_state(source)
+        _, state = read_state(source)
         step, source = int(state["step"]), source / ADAPTER_FILE
     kind = ckpt.read_metadata(source).get("kind", "lora")
     if kind == "history":

@@ -13,9 +13,10 @@ from safetensors import safe_open
 
 import modlora as ml
 from modlora import checkpoint as ckpt
+from modlora import digest as ckpt_digest
 from modlora.checkpoint import CheckpointError, load_adapter, read_metadata, weight_fingerprint
-from modlora.checkpoint import io as ckpt_io
 from tests import tiny
+from tests.checkpoint_files import rewrite, sealed
 from tests.legacy_format import (
     flat,
     lora_factors,
@@ -73,19 +74,6 @@ def assert_unchanged(model, snap):
     assert all(torch.equal(now[k], v) for k, v in state.items()), "weights changed"
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks, "hooks left behind"
-
-
-def rewrite(src, dst, meta=None, tensors=None, drop=()):
-    """Copy a checkpoint with some metadata / tensors replaced (to build bad files)."""
-    with safe_open(str(src), "pt") as f:
-        metadata = dict(f.metadata() or {})
-    data = safetensors.torch.load_file(str(src))
-    metadata.update(meta or {})
-    data.update(tensors or {})
-    for key in drop:
-        metadata.pop(key, None)
-    safetensors.torch.save_file(data, str(dst), metadata=metadata)
-    return dst
 
 
 def make_lora(model):
@@ -354,7 +342,7 @@ def test_missing_role_and_stray_key(llama, lora_file, tmp_path):
         meta = f.metadata()
     del data["model.layers.1.mlp.down_proj.lora_B"]
     bad = tmp_path / "role.safetensors"
-    safetensors.torch.save_file(data, str(bad), metadata=meta)
+    safetensors.torch.save_file(data, str(bad), metadata=sealed(meta, data))
     _expect_failure(llama, bad, r"incomplete targets.*down_proj: missing \['lora_B'\]")
     stray = rewrite(lora_file, tmp_path / "s.safetensors", tensors={"x.weight": torch.zeros(1)})
     _expect_failure(llama, stray, r"unexpected tensor keys \['x.weight'\]")
@@ -448,7 +436,7 @@ def test_fingerprint_is_sensitive():
     big = torch.randn(2**22 + 7)  # sampled path
     fp_big = weight_fingerprint(big)
     big[12345] += 1e-3  # off the sampling stride: only the sums see it
-    assert 12345 % ((2**22 + 7) // ckpt_io.SAMPLE_SIZE) != 0
+    assert 12345 % ((2**22 + 7) // ckpt_digest.SAMPLE_SIZE) != 0
     assert weight_fingerprint(big) != fp_big
 
 
@@ -601,7 +589,7 @@ def test_crash_during_save_keeps_the_previous_file(llama, tmp_path, monkeypatch)
 
 def test_save_refuses_bad_input_and_writes_nothing(llama, tmp_path):
     lora = make_lora(llama)
-    with pytest.raises(TypeError, match="extra_meta must be JSON-serialisable"):
+    with pytest.raises(TypeError, match=r"extra_meta\['t'\] is a Tensor, which JSON cannot store"):
         lora.save(tmp_path / "x.safetensors", extra_meta={"t": torch.zeros(1)})
     with pytest.raises(ValueError, match="must be finite"):
         lora.save(tmp_path / "x.safetensors", c=float("nan"))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import modlora as ml
 from modlora.merge_checkpoint import read_factors
 from tests import legacy_format, tiny
+from tests.checkpoint_files import sealed
 
 mc_mod = importlib.import_module("modlora.merge_checkpoint")  # the name is also the function
 TOKENIZER_FILES = {"tokenizer.json": '{"fake": true}', "tokenizer_config.json": '{"x": 1}'}
@@ -181,10 +182,15 @@ def test_existing_out_dir_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         ml.merge_checkpoint(base, tmp_path / "a.safetensors", out)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
-    with pytest.raises(ValueError, match="differ from model_dir"):
+    with pytest.raises(ValueError, match="overlaps the input"):
         ml.merge_checkpoint(base, tmp_path / "a.safetensors", base, overwrite=True)
+    with pytest.raises(FileExistsError, match="not written by modlora"):  # the user's folder
+        ml.merge_checkpoint(base, tmp_path / "a.safetensors", out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()  # an empty folder holds nothing to lose
     ml.merge_checkpoint(base, tmp_path / "a.safetensors", out, overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "modlora_merge.json").is_file()
+    ml.merge_checkpoint(base, tmp_path / "a.safetensors", out, overwrite=True)  # its own output
+    assert (out / "modlora_merge.json").is_file()
 
 
 def test_failure_on_the_last_shard_leaves_no_folder_and_keeps_the_old_one(tmp_path, monkeypatch):
@@ -193,8 +199,8 @@ def test_failure_on_the_last_shard_leaves_no_folder_and_keeps_the_old_one(tmp_pa
     lora = _lora(model)
     lora.save(tmp_path / "a.safetensors")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("old")
+    ml.merge_checkpoint(base, tmp_path / "a.safetensors", out, c=0.5)
+    old = _digest(out)
     real, seen = mc_mod._merge_one, []
 
     def failing(plan, *args):
@@ -206,7 +212,7 @@ def test_failure_on_the_last_shard_leaves_no_folder_and_keeps_the_old_one(tmp_pa
     monkeypatch.setattr(mc_mod, "_merge_one", failing)
     with pytest.raises(ml.MergeError, match="forced"):
         ml.merge_checkpoint(base, tmp_path / "a.safetensors", out, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert _digest(out) == old
     assert _nothing_written(tmp_path, "base", "a.safetensors", "out")
 
 
@@ -258,12 +264,13 @@ def test_bad_adapter_files_are_refused(llama, tmp_path):
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(tmp_path / "a.safetensors"))
-    save_file({**tensors, "x.weird": torch.zeros(2)}, str(tmp_path / "b.safetensors"), meta)
+    weird = {**tensors, "x.weird": torch.zeros(2)}
+    save_file(weird, str(tmp_path / "b.safetensors"), sealed(meta, weird))
     with pytest.raises(ValueError, match=r"unexpected tensor keys \['x.weird'\]"):
         read_factors(tmp_path / "b.safetensors")
     first = lora.layout.names[0]
     del tensors[f"{first}.lora_B"]
-    save_file(tensors, str(tmp_path / "c.safetensors"), meta)
+    save_file(tensors, str(tmp_path / "c.safetensors"), sealed(meta, tensors))
     with pytest.raises(ValueError, match=rf"incomplete targets.*{first}: missing \['lora_B'\]"):
         read_factors(tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match="deployed c"):
@@ -279,7 +286,8 @@ def test_adapter_metadata_must_fit_the_tensors(llama, tmp_path):
     first = lora.layout.names[0]
     shapes = json.loads(meta["shapes"])
     shapes[first][2] = 3  # the metadata claims rank 3, the tensors have rank 4
-    save_file(tensors, str(tmp_path / "b.safetensors"), {**meta, "shapes": json.dumps(shapes)})
+    edited = sealed({**meta, "shapes": json.dumps(shapes)}, tensors)
+    save_file(tensors, str(tmp_path / "b.safetensors"), edited)
     with pytest.raises(ValueError, match=rf"{first}.*lora_A \(4, 32\).*metadata says r=3"):
         read_factors(tmp_path / "b.safetensors")
     legacy = {"A.x": torch.zeros(2, 4), "B.x": torch.zeros(4, 2)}

@@ -13,6 +13,7 @@ from torch import nn
 
 import modlora as ml
 from tests import tiny
+from tests.checkpoint_files import sealed
 
 ARCHS = list(tiny.MOE_BUILDERS)
 
@@ -331,14 +332,15 @@ def test_expert_factors_are_validated_on_load(tmp_path):
     name = lora.layout.names[0]
     shapes = json.loads(meta["shapes"])
     shapes[name][2] = 3  # the metadata claims rank 3; A (E, 2, d_in) and B (E, d_out, 2) say 2
-    save_file(tensors, str(tmp_path / "r.safetensors"), {**meta, "shapes": json.dumps(shapes)})
+    edited = sealed({**meta, "shapes": json.dumps(shapes)}, tensors)  # as a writer made it
+    save_file(tensors, str(tmp_path / "r.safetensors"), edited)
     with pytest.raises(
         ml.CheckpointError, match=rf"{name}.*lora_A \(4, 2, 32\).*metadata says r=3"
     ):
         ml.load_adapter(model, tmp_path / "r.safetensors")
     fewer = dict(tensors)
     fewer[f"{name}.lora_B"] = tensors[f"{name}.lora_B"][:3]  # 3 experts' B, 4 experts' A
-    save_file(fewer, str(tmp_path / "e.safetensors"), meta)
+    save_file(fewer, str(tmp_path / "e.safetensors"), sealed(meta, fewer))
     with pytest.raises(ml.CheckpointError, match=rf"{name}.*expert counts differ \(4 vs 3\)"):
         ml.load_adapter(model, tmp_path / "e.safetensors")
     assert not ml.find_adapters(model)

@@ -131,8 +131,14 @@ def test_export_refuses_an_existing_folder(llama, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         ml.export_peft(lora, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    ml.export_peft(lora, out, overwrite=True)
+    with pytest.raises(FileExistsError, match="not written by modlora"):  # the user's folder
+        ml.export_peft(lora, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    ml.export_peft(lora, out, overwrite=True)  # an empty folder holds nothing to lose
+    ml.export_peft(lora, out, overwrite=True)  # and its own output may be replaced
     assert sorted(p.name for p in out.iterdir()) == [
+        ".modlora-manifest.json",
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

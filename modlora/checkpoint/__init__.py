@@ -3,7 +3,9 @@
 =================  ======================================================================
 module             what
 =================  ======================================================================
-``io``             base-weight fingerprints, the one atomic writer, safe reads
+``digest``         tensor digests (integrity) and base-weight fingerprints (v1, v2)
+``io``             safe reads: every header field checked, integrity verified
+``write``          the one atomic file writer and folder writer (manifest, swap, cleanup)
 ``spec``           format v1 both ways: metadata written, :class:`~.spec.Spec` parsed
 ``legacy``         the seed's format, parsed into the same :class:`~.spec.Spec`
 ``validate``       checks before anything is built: tensors, model fit, base weights
@@ -16,12 +18,15 @@ Every reader (load, offline merge, resume) goes through ``load.read_spec`` and
 ``validate.check_tensors``; every kind-specific step goes through the kind registry.
 """
 
+from ..digest import sample_fingerprint, weight_fingerprint
 from .factors import AdapterFactors, read_factors
-from .io import CheckpointError, atomic_write, weight_fingerprint, write_folder
+from .folder import write_folder
+from .io import CheckpointError
 from .load import load_adapter, read_spec
 from .save import save_adapter
 from .spec import FORMAT_VERSION, read_metadata
 from .validate import BaseCheck
+from .write import atomic_write
 
 __all__ = [
     "FORMAT_VERSION",
@@ -33,6 +38,7 @@ __all__ = [
     "read_factors",
     "read_metadata",
     "read_spec",
+    "sample_fingerprint",
     "save_adapter",
     "weight_fingerprint",
     "write_folder",

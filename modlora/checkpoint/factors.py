@@ -14,19 +14,20 @@ from torch import Tensor
 from .._types import Coeff
 from ..coefficient import validate_coeff
 from .load import read_spec
+from .spec import Spec
 from .validate import check_tensors
 
 
 @dataclass(frozen=True)
 class AdapterFactors:
     """A saved adapter's delta at one ``c``: ``factors = {target: (A (r, d_in), B (d_out, r))}``
-    with ``c`` and the kind's scale folded into ``B`` (float32)."""
+    with ``c`` and the kind's scale folded into ``B`` (float32); ``spec`` the parsed file."""
 
     path: Path
     kind: str
     c: float
     factors: dict[str, tuple[Tensor, Tensor]]
-    fingerprints: dict[str, str | None]
+    spec: Spec
 
 
 def read_factors(path, c: Coeff | None = 1.0, names: Iterable[str] | None = None) -> AdapterFactors:
@@ -56,4 +57,4 @@ def read_factors(path, c: Coeff | None = 1.0, names: Iterable[str] | None = None
     for name, tensors in spec.tensors.items():
         a, b, scale = spec.cls.target_factors(spec.config, name, tensors)
         factors[name] = (a.float(), b.float() * (value * scale))
-    return AdapterFactors(spec.path, spec.kind, value, factors, dict(spec.fingerprints))
+    return AdapterFactors(spec.path, spec.kind, value, factors, spec)

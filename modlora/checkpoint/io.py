@@ -1,218 +1,222 @@
-"""Checkpoint file plumbing: base-weight fingerprints, the one atomic writer, safe reads.
+"""Reading checkpoint files safely: the header checked field by field, then the integrity digests.
 
-Base-weight fingerprint (:func:`weight_fingerprint`): blake2b-128 over dtype, shape and the raw
-bytes of the stored weight when it has at most ``2**22`` elements; above that, over a strided
-sample of ``2**20`` elements plus the float64 sum and sum of squares of the whole tensor (one
-pass, no full CPU copy). Any dtype cast, transpose or fine-tuning step changes it; it is not a
-cryptographic guarantee on huge layers, only a cheap, sensitive identity check.
+Every reader (load, offline merge, resume, ``read_metadata``) goes through :func:`read_file` or
+:func:`header_metadata`, so a truncated, foreign or corrupted file raises
+:class:`CheckpointError` naming the file and what is wrong, never a bare ``TypeError`` from a
+malformed offset or a ``SafetensorError`` without a path.
 
-Reading checks the length prefix and the header before handing the bytes to safetensors, so a
-truncated or foreign file raises :class:`CheckpointError` naming what is wrong.
+Integrity (format v1, optional key ``integrity``, JSON): ``{"tensors": <digest of the tensors>,
+"metadata": <digest of every other metadata key>, "base_method": "v2", "base": {target:
+fingerprint}}``. A file that carries it is checked on every read; files written before it
+existed load as before (their tensors are unchecked).
 """
 
 import hashlib
 import json
 import os
-import secrets
-import shutil
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
-import torch
 from torch import Tensor
 
-from ..sharding import full_tensor
+from ..digest import DIGEST, SAFETENSORS_DTYPES, file_tensors_digest
 
-FULL_HASH_LIMIT = 2**22
-SAMPLE_SIZE = 2**20
-FINGERPRINT_METHOD = "blake2b-128 v1 (full bytes up to 2**22 elements, else 2**20 strided + sums)"
+MAX_HEADER = 100 * 2**20
+INTEGRITY = "integrity"
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read, is malformed, or does not fit the model it is loaded onto."""
 
 
-# ---------------------------------------------------------------------------- fingerprint
-@torch.no_grad()
-def weight_fingerprint(weight: Tensor) -> str:
-    """A cheap, sensitive identity of a base weight (see the module docstring).
-
-    Args:
-        weight: the layer's stored weight (any dtype, any device, as stored: no transpose); an
-            FSDP2 shard is gathered first (a collective: every rank must call this).
-
-    Returns:
-        A 32-character hex digest.
-    """
-    w = full_tensor(weight.detach())
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{w.dtype}|{tuple(w.shape)}".encode())
-    flat = w.reshape(-1)  # (numel,)
-    if flat.numel() > FULL_HASH_LIMIT:
-        stride = flat.numel() // SAMPLE_SIZE
-        sums = torch.zeros(2, dtype=torch.float64)
-        for chunk in flat.split(FULL_HASH_LIMIT):
-            c64 = chunk.double()
-            sums += torch.stack([c64.sum(), c64.square().sum()]).cpu()
-        h.update(sums.numpy().tobytes())
-        flat = flat[::stride]  # (~SAMPLE_SIZE,)
-    h.update(flat.cpu().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
+def as_path(path, what: str = "path") -> Path:
+    """``path`` (a ``str`` or ``os.PathLike``) as a :class:`~pathlib.Path`; ``TypeError`` else."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{what} must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
 
 
-# ---------------------------------------------------------------------------- atomic write
-def check_destination(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a directory")
-    return path
-
-
-def _file_mode(path: Path) -> int:
-    """The permissions a new file at ``path`` would get (an existing file keeps its own)."""
-    if path.exists():
-        return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a file atomically: ``write(temp)`` in the same folder, fsync, then rename.
-
-    A crash or exception inside ``write`` leaves any previous file at ``path`` intact and
-    removes the temporary file.
-
-    Args:
-        path: the destination.
-        write: called with the temporary path; must create that file.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    path = check_destination(path)
-    folder = path.parent
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))  # safetensors creates 0600; use what a plain open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - platforms without directory fsync
-        pass
-    return path
-
-
-def write_folder(
-    out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool
-) -> Path:
-    """Create the folder ``out_dir`` atomically: ``write(temp)`` fills a fresh folder beside it,
-    which is renamed to ``out_dir`` only once complete (a failure leaves no ``out_dir``).
-
-    Args:
-        out_dir: the folder to create.
-        write: called with the temporary folder; must fill it.
-        overwrite: replace an existing ``out_dir`` (only after ``write`` succeeded).
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-# ---------------------------------------------------------------------------- read
 @dataclass
 class StoredFile:
+    """A checkpoint file read and checked: ``identity`` is its tensor digest (not the metadata)."""
+
     path: Path
     metadata: dict[str, str]
     tensors: dict[str, Tensor]
-    identity: str  # digest of the tensor index and data (not the metadata)
+    identity: str
+    integrity: dict | None = None
 
 
-def read_header(path: Path, data: bytes) -> tuple[dict, int]:
+# ---------------------------------------------------------------------------- header
+def _bad(path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a safetensors file ({what})")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(path, key: str, entry, size: int) -> None:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _bad(
+            path, f"header entry {key!r} is not {{dtype, shape, data_offsets}}: {entry!r:.200}"
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise _bad(path, f"tensor {key!r} has unsupported dtype {dtype!r:.50}")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _bad(path, f"tensor {key!r} has a malformed shape {shape!r:.100}")
+    ok = isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+    if not ok or offsets[0] > offsets[1]:
+        raise _bad(path, f"tensor {key!r} has malformed data_offsets {offsets!r:.100}")
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise _bad(path, f"tensor {key!r}: {dtype} {shape} needs {nbytes} bytes, offsets {offsets}")
+    if offsets[1] > size:
+        raise CheckpointError(
+            f"{path}: truncated (tensor {key!r} ends at byte {offsets[1]} of the data section, "
+            f"which has {size} bytes)"
+        )
+
+
+def read_header(path: Path, data: bytes | memoryview, size: int | None = None) -> tuple[dict, int]:
+    """``(header, data start)`` of a safetensors file, every field checked.
+
+    Args:
+        path: for messages.
+        data: the file's bytes (at least the length prefix and the header).
+        size: the file's length (default ``len(data)``), to check tensor offsets against.
+    """
+    size = len(data) if size is None else size
     if len(data) < 8:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > min(size - 8, MAX_HEADER) or n > len(data) - 8:
         raise CheckpointError(
-            f"{path}: truncated or not a safetensors file (header claims {n} bytes, "
-            f"file has {len(data) - 8} after the length prefix)"
+            f"{path}: truncated or not a safetensors file (header claims {n} bytes, file has "
+            f"{size - 8} after the length prefix)"
         )
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"{path}: not a safetensors file (header is not JSON: {err})"
-        ) from err
+        header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise _bad(path, f"header is not JSON: {err}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    return header, 8 + n
+        raise _bad(path, "header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise _bad(path, "__metadata__ is not a str -> str object")
+    start = 8 + n
+    spans = []
+    for key, entry in header.items():
+        if key != "__metadata__":
+            _check_entry(path, key, entry, size - start)
+            spans.append(tuple(entry["data_offsets"]))
+    spans.sort()
+    if any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False)):
+        raise _bad(path, "tensors overlap in the data section")
+    return header, start
 
 
-def read_file(path: str | os.PathLike) -> StoredFile:
-    path = Path(path)
+# ---------------------------------------------------------------------------- integrity
+def metadata_digest(metadata: dict[str, str], integrity: dict) -> str:
+    """Digest of every metadata key but ``integrity``, plus ``integrity`` without this digest."""
+    body = {k: v for k, v in metadata.items() if k != INTEGRITY}
+    body[INTEGRITY] = {k: v for k, v in integrity.items() if k != "metadata"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+    return f"{DIGEST}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def read_integrity(path, metadata: dict[str, str]) -> dict | None:
+    """The parsed ``integrity`` entry (``None`` in files written before it), metadata checked."""
+    if INTEGRITY not in metadata:
+        return None
+    try:
+        integrity = json.loads(metadata[INTEGRITY])
+    except (json.JSONDecodeError, RecursionError):
+        integrity = None
+    ok = isinstance(integrity, dict) and all(
+        isinstance(integrity.get(k), str) for k in ("tensors", "metadata")
+    )
+    if not ok:
+        raise CheckpointError(f"{path}: metadata 'integrity' is malformed")
+    if metadata_digest(metadata, integrity) != integrity["metadata"]:
+        raise CheckpointError(
+            f"{path}: the metadata does not match the checksum stored in the file: the file is "
+            "corrupted or was edited after it was written"
+        )
+    return integrity
+
+
+# ---------------------------------------------------------------------------- read
+def read_file(path) -> StoredFile:
+    """Read a checkpoint: header checked, tensors loaded, integrity digests verified.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: truncated, malformed, or not matching its own checksums.
+    """
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     data = path.read_bytes()
     header, start = read_header(path, data)
-    ends = [
-        v["data_offsets"][1]
-        for k, v in header.items()
-        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
-    ]
-    if start + max(ends, default=0) > len(data):
+    metadata = dict(header.get("__metadata__") or {})
+    integrity = read_integrity(path, metadata)
+    index = {k: v for k, v in header.items() if k != "__metadata__"}
+    identity = file_tensors_digest(index, memoryview(data)[start:])
+    if integrity is not None and identity != integrity["tensors"]:
         raise CheckpointError(
-            f"{path}: truncated (tensor data ends at byte {start + max(ends)}, "
-            f"file has {len(data)} bytes)"
+            f"{path}: the tensor bytes do not match the checksum stored in the file: the file "
+            "is corrupted or was edited after it was written"
         )
     try:
         tensors = safetensors.torch.load(data)
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
-    metadata = header.get("__metadata__") or {}
+    return StoredFile(path, metadata, tensors, identity, integrity)
+
+
+def legacy_identity(path) -> str:
+    """The tensor digest training states saved before format ``integrity`` recorded (blake2b
+    over the JSON tensor index and the data section)."""
+    path = as_path(path)
+    data = path.read_bytes()
+    header, start = read_header(path, data)
     index = {k: v for k, v in header.items() if k != "__metadata__"}
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(index, sort_keys=True).encode())
     h.update(memoryview(data)[start:])
-    return StoredFile(path, dict(metadata), tensors, h.hexdigest())
+    return h.hexdigest()
 
 
-def header_metadata(path: str | os.PathLike) -> dict[str, str]:
-    path = Path(path)
+def header_only(path) -> dict:
+    """The checked header of a safetensors file, read without its tensor data."""
+    path = as_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no safetensors file at {path}")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
         n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        data = prefix + f.read(min(n, 100 * 2**20))
-    header, _ = read_header(path, data)
-    return dict(header.get("__metadata__") or {})
+        data = prefix + f.read(min(n, MAX_HEADER))
+    return read_header(path, data, size)[0]
+
+
+def header_metadata(path) -> dict[str, str]:
+    """The str → str metadata of a checkpoint, read from its header alone (metadata checksum
+    verified when the file has one)."""
+    path = as_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    metadata = dict(header_only(path).get("__metadata__") or {})
+    read_integrity(path, metadata)
+    return metadata

@@ -9,31 +9,27 @@ LoRA and history warn; ``check_base=`` overrides), and double application. Then 
 kind's ``rebuild`` makes the adapter.
 
 Double application. PiSSA here is non-destructive (``W`` is never modified), so loading the same
-round twice, or rounds in any order, is harmless in itself. What is wrong is applying one
-checkpoint's delta twice: loading a file while an adapter loaded from the same tensors is
-attached to the same model raises, and attaching one copy while another is attached raises
-too (through the adapter's ``attach_guards``).
+round twice, or rounds in any order, is harmless in itself. What is wrong is applying one delta
+twice: loading a file while an adapter with the very same tensors is attached to the model
+raises, and attaching a copy of a delta that is attached or merged raises too
+(:func:`~modlora.applied.refuse_double_delta`, every adapter's first attach guard).
 """
 
 import os
-import weakref
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
 from torch import nn
 
+from ..applied import same_delta
+from ..digest import tensors_digest
 from ..fit import layout_of
-from ..layout import find_targets, unwrap_model
-from ..part import AdapterStateError
+from ..layout import unwrap_model
+from ..rollback import model_rollback
 from . import validate
 from .io import CheckpointError, read_file
 from .legacy import is_legacy, parse_legacy
 from .spec import Spec, parse_v1
 from .validate import check_model, check_tensors
-
-_LOADED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, Path, weakref.ref]]]"
-_LOADED = weakref.WeakKeyDictionary()
 
 
 def read_spec(path: str | os.PathLike, names=None) -> Spec:
@@ -60,31 +56,55 @@ def read_spec(path: str | os.PathLike, names=None) -> Spec:
     return spec
 
 
-def _attached_twin(model: nn.Module, identity: str, me=None):
-    for ident, path, ref in _LOADED.get(model, []):
-        other = ref()
-        if ident == identity and other is not None and other is not me and other.attached:
-            return path, other
-    return None
-
-
-def _register(model: nn.Module, identity: str, path: Path, adapter) -> None:
-    entries = [e for e in _LOADED.get(model, []) if e[2]() is not None]
-    entries.append((identity, path, weakref.ref(adapter)))
-    _LOADED[model] = entries
-    model_ref = weakref.ref(model)
-
-    def guard(adapter) -> None:
-        model = model_ref()
-        twin = _attached_twin(model, identity, adapter) if model is not None else None
-        if twin is not None:
-            raise AdapterStateError(
-                f"{type(adapter).__name__} from {path} cannot attach: a copy loaded from the same "
-                f"checkpoint ({twin[0]}) is already attached to this model, so its delta would "
-                "apply twice; detach that one first"
-            )
-
-    adapter.attach_guards.append(guard)
+def build_adapter(
+    model: nn.Module,
+    spec: Spec,
+    *,
+    check_base: str | None = None,
+    attach: bool | None = None,
+    gate: Callable[[], bool] | None = None,
+):
+    """Validate ``spec`` against ``model``, then rebuild it through its kind (the one path from a
+    parsed file to an adapter: :func:`load_adapter`, PEFT import). The model is unchanged on any
+    failure. See :func:`load_adapter` for the arguments."""
+    if check_base not in (None, "raise", "warn", "ignore"):
+        raise ValueError(f"check_base must be 'raise', 'warn' or 'ignore', got {check_base!r}")
+    model = unwrap_model(model)
+    cls = spec.cls
+    if not cls.attach_on_load and (attach or gate is not None):
+        raise ValueError(
+            f"attach/gate apply to history checkpoints only; {spec.path} holds a {cls.__name__} "
+            "(use `with adapter(model, c=...)` or adapter.attach(model, c))"
+        )
+    check_tensors(spec)
+    layout = check_model(spec, model)
+    validate.check_base(spec, model, check_base or cls.base_check)
+    flat = {f"{n}.{role}": t for n, parts in spec.tensors.items() for role, t in parts.items()}
+    twin = same_delta(model, spec.kind, spec.tensors, lambda: tensors_digest(flat), merged=False)
+    if twin is not None:
+        raise CheckpointError(
+            f"{spec.path}: an adapter loaded from the same checkpoint (or with the very same "
+            f"tensors) is attached to this model ({twin}); loading it again would let its delta "
+            "apply twice — reuse that object, or detach it before loading"
+        )
+    if layout is None:
+        layout = layout_of(model, list(spec.tensors))
+    tensors = {n: spec.tensors[n] for n in layout.names}
+    adapter = None
+    with model_rollback(model):
+        try:
+            adapter = cls.rebuild(model, layout, spec.config, tensors)
+            adapter.deployed_c, adapter.extra_meta = spec.c, spec.extra_meta
+            adapter.eval()
+            if gate is not None:
+                adapter.gate = gate
+            if cls.attach_on_load and attach is not False:
+                adapter.attach(model, 1.0)
+        except BaseException:
+            if adapter is not None and adapter.attached:
+                adapter.detach()
+            raise
+    return adapter
 
 
 def load_adapter(
@@ -121,49 +141,8 @@ def load_adapter(
             The model is unchanged.
         TypeError: the stored kind is not ``expect``.
     """
-    if check_base not in (None, "raise", "warn", "ignore"):
-        raise ValueError(f"check_base must be 'raise', 'warn' or 'ignore', got {check_base!r}")
     model = unwrap_model(model)
     spec = read_spec(path, [n for n, _ in model.named_modules()])
-    cls = spec.cls
-    if expect is not None and not issubclass(cls, expect):
-        raise TypeError(f"{spec.path} holds a {cls.__name__}, not a {expect.__name__}")
-    if not cls.attach_on_load and (attach or gate is not None):
-        raise ValueError(
-            f"attach/gate apply to history checkpoints only; {spec.path} holds a {cls.__name__} "
-            "(use `with adapter(model, c=...)` or adapter.attach(model, c))"
-        )
-    check_tensors(spec)
-    check_model(spec, model)
-    validate.check_base(spec, model, check_base or cls.base_check)
-    twin = _attached_twin(model, spec.identity)
-    if twin is not None:
-        raise CheckpointError(
-            f"{spec.path}: a {type(twin[1]).__name__} loaded from the same checkpoint "
-            f"({twin[0]}) is attached to this model; loading it again would let its delta apply "
-            "twice — reuse that object, or detach it before loading"
-        )
-    if cls.selects_targets:
-        layout = find_targets(model, spec.targets, spec.exclude, spec.layer_range)
-    else:
-        layout = layout_of(model, list(spec.tensors))
-    tensors = {n: spec.tensors[n] for n in layout.names}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    adapter = None
-    try:
-        adapter = cls.rebuild(model, layout, spec.config, tensors)
-        adapter.deployed_c, adapter.extra_meta = spec.c, spec.extra_meta
-        adapter.eval()
-        if gate is not None:
-            adapter.gate = gate
-        _register(model, spec.identity, spec.path, adapter)
-        if cls.attach_on_load and attach is not False:
-            adapter.attach(model, 1.0)
-    except BaseException:
-        if adapter is not None and adapter.attached:
-            adapter.detach()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.requires_grad_(flags.get(name, p.requires_grad))
-        raise
-    return adapter
+    if expect is not None and not issubclass(spec.cls, expect):
+        raise TypeError(f"{spec.path} holds a {spec.cls.__name__}, not a {expect.__name__}")
+    return build_adapter(model, spec, check_base=check_base, attach=attach, gate=gate)

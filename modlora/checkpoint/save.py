@@ -7,33 +7,37 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .._types import Coeff
 from ..coefficient import validate_coeff
 from ..kinds import KINDS
 from ..sharding import any_sharded, process_rank, write_on_rank0
-from .io import atomic_write, check_destination
 from .spec import file_tensors, metadata_of
+from .write import atomic_write, destination
 
 
 def save_adapter(
     adapter,
     path: str | os.PathLike,
     extra_meta: Mapping | None = None,
-    c: float | int | None = None,
+    c: Coeff | None = None,
 ) -> Path:
     """Write ``adapter`` to one ``.safetensors`` file, atomically (format v1).
 
     Args:
         adapter: an adapter of a registered kind (LoRA, PiSSA, history...).
-        path: the destination file.
-        extra_meta: JSON-serialisable user metadata (unicode kept); default: the adapter's own
-            ``extra_meta`` (so a loaded adapter re-saves with its metadata).
+        path: the destination file (a symlink stays: the file it points to is replaced).
+        extra_meta: user metadata that JSON stores exactly (``str`` keys, lists, numbers,
+            strings; unicode kept); default: the adapter's own ``extra_meta`` (so a loaded
+            adapter re-saves with its metadata).
         c: the calibrated / deployed coefficient; default: ``adapter.deployed_c``.
 
     Returns:
         The path written.
 
     Raises:
-        TypeError: an unregistered adapter kind, or ``extra_meta`` that is not a JSON object.
+        TypeError: an unregistered adapter kind, or ``extra_meta`` that would not come back
+            from the file as given (a tuple, a non-``str`` key, an object...: the message
+            names where).
         ValueError: a non-finite ``c`` or non-finite adapter tensors (nothing is written).
 
     In a multi-process run (``torch.distributed`` initialised) rank 0 alone writes; every rank
@@ -47,7 +51,7 @@ def save_adapter(
         + [target.weight for target in adapter.layout]  # fingerprinted
     )
     if not sharded and process_rank() == 0:
-        check_destination(path)  # early; under FSDP2 rank 0 must first join the gathers
+        destination(path)  # early; under FSDP2 rank 0 must first join the gathers
     kind = getattr(adapter, "kind", None)
     if KINDS.get(kind) is not type(adapter):
         raise TypeError(f"cannot save a {type(adapter).__name__}: kinds are {sorted(KINDS)}")
@@ -63,7 +67,7 @@ def save_adapter(
     bad = sorted(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
     if bad:
         raise ValueError(f"refusing to save non-finite adapter tensors: {bad}")
-    metadata = metadata_of(adapter, dict(extra_meta), c)
+    metadata = metadata_of(adapter, dict(extra_meta), c, tensors)
 
     def write(tmp: Path) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)

@@ -27,9 +27,11 @@ from torch import Tensor
 
 from .. import checks
 from .._version import __version__
+from ..applied import base_weight
+from ..digest import FINGERPRINT_METHOD, sample_fingerprint, tensors_digest, weight_fingerprint
 from ..kinds import kind_class
 from ..sharding import full_tensor
-from .io import FINGERPRINT_METHOD, CheckpointError, StoredFile, header_metadata, weight_fingerprint
+from .io import INTEGRITY, CheckpointError, StoredFile, header_metadata, metadata_digest
 
 FORMAT_VERSION = 1
 PLAIN_KEYS = ("format_version", "modlora_version", "kind", "dtype")
@@ -48,7 +50,8 @@ class Spec:
         tensors: ``{target: {role: tensor}}``.
         targets, exclude, layer_range: the stored selection.
         shapes: ``{target: [d_in, d_out, r]}`` from the metadata (``None``: not stored).
-        fingerprints: ``{target: base-weight fingerprint or None}``.
+        fingerprints: ``{target: base-weight fingerprint or None}``, by method ``base_method``
+            (``"v2"`` from ``integrity``; ``"v1"`` in files written before it).
         c: the deployed coefficient; ``extra_meta``: the user's metadata.
         identity: digest of the file's tensors (not its metadata).
     """
@@ -65,6 +68,7 @@ class Spec:
     layer_range: tuple | None = None
     shapes: dict[str, list[int]] | None = None
     fingerprints: dict[str, str | None] = field(default_factory=dict)
+    base_method: str = "v1"
     c: float | None = None
     extra_meta: dict = field(default_factory=dict)
 
@@ -77,20 +81,26 @@ def dumps(value, what: str) -> str:
         raise TypeError(f"{what} must be JSON-serialisable (finite numbers): {err}") from err
 
 
-def base_fingerprints(adapter) -> dict[str, str | None]:
-    """``{target: fingerprint of its base weight}`` (``None`` where the weight is not in memory)."""
-    out = {}
+def base_fingerprints(adapter) -> tuple[dict[str, str | None], dict[str, str | None]]:
+    """``({target: v1 fingerprint}, {target: v2 fingerprint})`` of the base weights: the weights
+    before any merge still in the model (:func:`~modlora.applied.base_weight`); ``None`` where
+    the weight is not in memory."""
+    v1, v2 = {}, {}
     for target in adapter.layout:
-        weight = target.weight
-        out[target.name] = None if weight.device.type == "meta" else weight_fingerprint(weight)
-    return out
+        weight = base_weight(adapter.model, target.name, target.weight)
+        absent = weight.device.type == "meta"
+        v1[target.name] = None if absent else weight_fingerprint(weight)
+        v2[target.name] = None if absent else sample_fingerprint(weight)
+    return v1, v2
 
 
 def metadata_of(
-    adapter, extra_meta: dict, c: float | None, fingerprints: dict | None = None
+    adapter, extra_meta: dict, c: float | None, tensors: dict[str, Tensor] | None = None
 ) -> dict[str, str]:
-    """The str → str metadata of format v1 (``fingerprints``: default, the live base weights)."""
+    """The str → str metadata of format v1. With the file's ``tensors``: base fingerprints and
+    the ``integrity`` entry (digests of the tensors and of the metadata) too."""
     layout, ranks = adapter.layout, adapter.ranks()
+    v1, v2 = base_fingerprints(adapter) if tensors is not None else ({}, {})
     meta = {
         "format_version": str(FORMAT_VERSION),
         "modlora_version": __version__,
@@ -99,19 +109,28 @@ def metadata_of(
         "alpha": None,
         "targets": list(layout.patterns),
         "exclude": list(layout.exclude),
-        "layer_range": list(layout.layer_range) if layout.layer_range is not None else None,
+        "layer_range": (
+            [checks.scalar(v) for v in layout.layer_range]
+            if layout.layer_range is not None
+            else None
+        ),
         "dtype": checks.dtype_name(adapter.dtype),
         "dropout": 0.0,
         "init": None,
         "selection_score": None,
         "c": c,
-        "extra_meta": extra_meta,
+        "extra_meta": checks.json_object(extra_meta, "extra_meta"),
         "shapes": {t.name: [t.d_in, t.d_out, ranks[t.name]] for t in layout},
-        "fingerprints": base_fingerprints(adapter) if fingerprints is None else fingerprints,
+        "fingerprints": v1,
         "fingerprint_method": FINGERPRINT_METHOD,
         **adapter.config(),
     }
-    return {k: (v if k in PLAIN_KEYS else dumps(v, k)) for k, v in meta.items()}
+    meta = {k: (v if k in PLAIN_KEYS else dumps(v, k)) for k, v in meta.items()}
+    if tensors is None:
+        return meta
+    integrity = {"tensors": tensors_digest(tensors), "base_method": "v2", "base": v2}
+    integrity["metadata"] = metadata_digest(meta, integrity)
+    return {**meta, INTEGRITY: dumps(integrity, INTEGRITY)}
 
 
 def file_tensors(adapter) -> dict[str, Tensor]:
@@ -232,6 +251,11 @@ def parse_v1(file: StoredFile) -> Spec:
     fps = decoded["fingerprints"]
     ok = isinstance(fps, dict) and all(v is None or isinstance(v, str) for v in fps.values())
     need(ok, path, "fingerprints", "{target: str or null}", fps)
+    method = "v1"
+    if file.integrity is not None and "base" in file.integrity:
+        fps, method = file.integrity["base"], file.integrity.get("base_method")
+        ok = isinstance(fps, dict) and all(v is None or isinstance(v, str) for v in fps.values())
+        need(ok and method == "v2", path, "integrity", "base fingerprints by method v2", fps)
     config = kind_config(cls, {**decoded, "dtype": meta["dtype"]}, path)
     return Spec(
         path=path,
@@ -246,6 +270,7 @@ def parse_v1(file: StoredFile) -> Spec:
         layer_range=parse_layer_range(decoded["layer_range"], path),
         shapes=shapes,
         fingerprints=fps,
+        base_method=method,
         c=None if c is None else float(c),
         extra_meta=decoded["extra_meta"],
     )
