@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .blocks import block_index, find_block_list
-from .layout import TargetLayout, candidate_targets, resolve_target, unwrap_model
+from .layout import TargetLayout, candidate_targets, resolve_targets, unwrap_model
 from .ranks import infer_rank
 from .sharding import is_dtensor
 
@@ -46,7 +46,7 @@ def layout_of(model: nn.Module, names: Sequence[str]) -> TargetLayout:
         ValueError: a name that is neither a linear layer nor a fused expert weight of ``model``.
     """
     model = unwrap_model(model)
-    targets = {n: resolve_target(model, n) for n in names}
+    targets = resolve_targets(model, names)
     bad = [n for n, t in targets.items() if t is None]
     if bad:
         raise ValueError(f"{type(model).__name__} has no linear layer named {bad[:5]}")
@@ -75,8 +75,9 @@ def fit_problems(
         vs model (...)"`` for width or expert-count mismatches. Both empty: the factors fit.
     """
     absent, mismatched = [], []
+    resolved = resolve_targets(model, list(shapes))
     for name, shape in shapes.items():
-        t = resolve_target(model, name)
+        t = resolved[name]
         if t is None:
             absent.append(name)
             continue

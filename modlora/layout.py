@@ -98,6 +98,14 @@ def _normalise_patterns(patterns, what: str) -> tuple[str, ...]:
     return patterns
 
 
+def selected(model: nn.Module, targets, exclude, layer_range) -> TargetLayout:
+    """``targets`` itself when it is a :class:`TargetLayout` already made for ``model`` (e.g. a
+    checkpoint's, validated), else :func:`find_targets` of the selection."""
+    if isinstance(targets, TargetLayout):
+        return targets
+    return find_targets(model, targets, exclude, layer_range)
+
+
 def find_targets(
     model: nn.Module,
     targets: Sequence[str] | str = (ALL_LINEAR,),
@@ -191,16 +199,25 @@ def candidate_targets(model: nn.Module) -> list[tuple[str, Callable[[int | None]
     return out
 
 
-def resolve_target(model: nn.Module, name: str) -> Target | None:
-    """The :class:`Target` called ``name`` in ``model`` (a linear layer or a fused expert
-    weight), or ``None`` when the model has no such weight."""
+def resolve_targets(model: nn.Module, names) -> dict[str, Target | None]:
+    """``{name: Target}`` for each of ``names`` in ``model`` (a linear layer or a fused expert
+    weight; ``None`` when the model has no such weight). The module tree is walked once."""
     model = unwrap_model(model)
     modules = dict(model.named_modules())
-    module = modules.get(name)
-    if module is not None and is_target_type(module):
-        return make_target(name, module, None, routed=is_routed(name, modules))
-    owner, _, param = name.rpartition(".")
-    module = modules.get(owner)
-    if module is not None and param in fused_expert_params(module):
-        return expert_target(name, module, param, None, hidden=hidden_size(model))
-    return None
+    hidden = hidden_size(model)
+    out: dict[str, Target | None] = {}
+    for name in names:
+        module = modules.get(name)
+        if module is not None and is_target_type(module):
+            out[name] = make_target(name, module, None, routed=is_routed(name, modules))
+            continue
+        owner, _, param = name.rpartition(".")
+        module = modules.get(owner)
+        fused = module is not None and param in fused_expert_params(module)
+        out[name] = expert_target(name, module, param, None, hidden=hidden) if fused else None
+    return out
+
+
+def resolve_target(model: nn.Module, name: str) -> Target | None:
+    """:func:`resolve_targets` for one name."""
+    return resolve_targets(model, [name])[name]

@@ -12,7 +12,7 @@ from ._types import Count, Number
 from .adapter import LowRankAdapter
 from .blocks import DEFAULT_EXCLUDE, LayerRange
 from .kinds import register_kind
-from .layout import find_targets
+from .layout import TargetLayout, selected
 from .part import TargetPart, freeze_base
 
 Init = Literal["zero", "signed"]
@@ -60,7 +60,8 @@ class ModulatedLoRA(LowRankAdapter):
         model: the model to adapt. Its parameters are frozen (``requires_grad=False``).
         r: rank.
         alpha: scale numerator; the delta is ``c · (alpha / r) · B @ A``.
-        targets: ``"all-linear"`` and/or regexes (see :func:`~modlora.find_targets`).
+        targets: ``"all-linear"`` and/or regexes (see :func:`~modlora.find_targets`), or a
+            :class:`~modlora.TargetLayout` already made (``exclude``/``layer_range`` then unused).
         exclude: regexes of layers to skip.
         layer_range: depth band, e.g. ``(0.2, 0.8)``.
         dropout: dropout probability on the adapter's input, active in training mode.
@@ -90,7 +91,7 @@ class ModulatedLoRA(LowRankAdapter):
         model: nn.Module,
         r: Count = 16,
         alpha: Number = 32.0,
-        targets: Sequence[str] | str = ("all-linear",),
+        targets: Sequence[str] | str | TargetLayout = ("all-linear",),
         exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
         layer_range: LayerRange | None = None,
         dropout: float | int = 0.0,
@@ -100,7 +101,7 @@ class ModulatedLoRA(LowRankAdapter):
         alpha_pattern: Mapping[str, float | int] | None = None,
     ) -> None:
         config = self._checked(r, alpha, dropout, init, dtype, rank_pattern, alpha_pattern)
-        layout = find_targets(model, targets, exclude, layer_range)
+        layout = selected(model, targets, exclude, layer_range)
         for what in ("rank_pattern", "alpha_pattern"):
             unknown = sorted(set(config[what]) - set(layout.names))
             if unknown:
@@ -182,9 +183,7 @@ class ModulatedLoRA(LowRankAdapter):
         with torch.random.fork_rng(devices=devices):  # the throw-away init must not move the RNG
             self = cls(
                 model,
-                targets=layout.patterns,
-                exclude=layout.exclude,
-                layer_range=layout.layer_range,
+                targets=layout,
                 **config,
             )
         self.load_target_tensors(tensors)

@@ -21,7 +21,7 @@ from .checkpoint.io import as_path, read_file
 from .checkpoint.load import build_adapter
 from .checkpoint.spec import Spec, kind_config
 from .digest import tensors_digest
-from .layout import resolve_target, unwrap_model
+from .layout import resolve_targets, unwrap_model
 from .lora import ModulatedLoRA
 from .model_folder import resolve_key
 from .peft import _KEY, CONFIG_NAME, PREFIX, WEIGHTS_NAME, pattern_key
@@ -190,9 +190,10 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     }
     base = kind_config(ModulatedLoRA, meta, where)  # r, alpha, dropout checked, naming the key
     tensors, targets, ranks, alphas = {}, [], {}, {}
+    found = resolve_targets(model, [resolved[n] for n in factors])
     for peft_name, pair in factors.items():
         name = resolved[peft_name]
-        t = resolve_target(model, name)
+        t = found[name]
         if t is None:
             raise ValueError(
                 f"PEFT target {peft_name!r} is a {type(modules[name]).__name__}; only nn.Linear, "

@@ -17,7 +17,7 @@ from .blocks import DEFAULT_EXCLUDE, LayerRange
 from .calibration import Calibration
 from .fit import factor_problems, require_dense
 from .kinds import register_kind
-from .layout import find_targets
+from .layout import TargetLayout, selected
 from .part import TargetPart, freeze_base
 from .ranks import check_rank_vector
 from .selection import (
@@ -65,7 +65,8 @@ class ModulatedPiSSA(LowRankAdapter):
         selection_score: ``s_only`` | ``act_only`` | ``wanda`` | ``cho_rej_min_std``.
         calibration: from :func:`~modlora.collect_calibration`; needed by all scores but
             ``s_only``.
-        targets, exclude, layer_range: see :func:`~modlora.find_targets`.
+        targets, exclude, layer_range: see :func:`~modlora.find_targets`; ``targets`` may be a
+            :class:`~modlora.TargetLayout` already made.
         delta_s_init: initial ``delta_s`` (a constant; 0 makes the adapter a no-op at any ``c``).
         svd: ``auto`` | ``full`` | ``randomized`` (randomized only for ``s_only``).
         dtype: dtype of the factors (``delta_s`` and the hooks' math).
@@ -91,7 +92,7 @@ class ModulatedPiSSA(LowRankAdapter):
         r: int = 16,
         selection_score: SelectionScore = "s_only",
         calibration: Calibration | None = None,
-        targets: Sequence[str] | str = ("all-linear",),
+        targets: Sequence[str] | str | TargetLayout = ("all-linear",),
         exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
         layer_range: LayerRange | None = None,
         delta_s_init: float | int = 0.0,
@@ -109,7 +110,7 @@ class ModulatedPiSSA(LowRankAdapter):
             )
         if svd == "randomized" and score != "s_only":
             raise ValueError("svd='randomized' only applies to selection_score='s_only'")
-        layout = find_targets(model, targets, exclude, layer_range)
+        layout = selected(model, targets, exclude, layer_range)
         if factors is None:
             require_dense(layout, "PiSSA's SVD (or use LoRA)")
             if calibration is not None:
@@ -252,9 +253,7 @@ class ModulatedPiSSA(LowRankAdapter):
             model,
             r=config["r"],
             selection_score=config["selection_score"],
-            targets=layout.patterns,
-            exclude=layout.exclude,
-            layer_range=layout.layer_range,
+            targets=layout,
             delta_s_init=config["delta_s_init"],
             dtype=config["dtype"],
             factors={n: (t["U"], t["S"], t["Vh"]) for n, t in tensors.items()},

@@ -15,13 +15,19 @@ from .layout import unwrap_model
 
 
 @contextmanager
-def model_rollback(model: nn.Module) -> Iterator[None]:
-    """On an exception in the block: flags, hooks and submodules of ``model`` back as they were."""
+def model_rollback(model: nn.Module, touched=None) -> Iterator[None]:
+    """On an exception in the block: flags, hooks and submodules of ``model`` back as they were.
+
+    Args:
+        model: the model.
+        touched: the modules the block may register children or hooks on (default: all of
+            them); the model itself is always included.
+    """
     model = unwrap_model(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    chosen = list(model.modules()) if touched is None else [model, *touched]
     modules = [
-        (m, dict(m._modules), dict(m._forward_hooks), dict(m._forward_pre_hooks))
-        for m in model.modules()
+        (m, dict(m._modules), dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in chosen
     ]
     try:
         yield

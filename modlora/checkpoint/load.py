@@ -91,7 +91,7 @@ def build_adapter(
         layout = layout_of(model, list(spec.tensors))
     tensors = {n: spec.tensors[n] for n in layout.names}
     adapter = None
-    with model_rollback(model):
+    with model_rollback(model, {t.module: None for t in layout}):  # attach touches these
         try:
             adapter = cls.rebuild(model, layout, spec.config, tensors)
             adapter.deployed_c, adapter.extra_meta = spec.c, spec.extra_meta

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..applied import base_weight
 from ..digest import FINGERPRINTS
 from ..fit import factor_shape, fit_problems
-from ..layout import TargetLayout, find_targets, resolve_target
+from ..layout import TargetLayout, find_targets, resolve_targets
 from ..ranks import infer_rank
 from .io import CheckpointError
 from .spec import Spec
@@ -171,8 +171,9 @@ def check_base(spec: Spec, model: nn.Module, policy: BaseCheck) -> None:
     if policy == "ignore":
         return
     weights = {}
+    resolved = resolve_targets(model, list(spec.tensors))
     for name in spec.tensors:
-        target = resolve_target(model, name)
+        target = resolved[name]
         stored = base_weight(model, name, target.weight)
         dense = None
         if not (target.quantized or stored.device.type == "meta"):
