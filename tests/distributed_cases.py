@@ -176,8 +176,12 @@ def check_against(reference: dict, results: list[dict], tmp: Path, tag: str) -> 
     assert _contents(tmp / f"{tag}_initial.safetensors") == _contents(
         tmp / "single_initial.safetensors"
     )
+    # The trained tensors agree to fp32 tolerance only (summation order), so the integrity
+    # digest of their bytes differs; every other metadata key must be identical.
     a = ml.read_metadata(tmp / "single_trained.safetensors")
     b = ml.read_metadata(tmp / f"{tag}_trained.safetensors")
+    assert "integrity" in a and "integrity" in b
+    a.pop("integrity"), b.pop("integrity")
     assert a == b
     trained = ml.load_adapter(tiny.llama(), tmp / "single_trained.safetensors").target_tensors()
     _assert_same_tensors(
