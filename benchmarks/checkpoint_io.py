@@ -4,8 +4,9 @@
 fsync) and ``modlora.load_adapter(model, path)`` (validation of file, tensors, model and base,
 then a rebuilt adapter). Raw side: ``safetensors.torch.save_file`` of the same tensors and
 ``safetensors.torch.load_file`` (no fsync, no checks, no adapter). ``fingerprints`` times one
-pass of :func:`modlora.checkpoint.weight_fingerprint` over the target layers' base weights, which
-both save and load compute.
+pass of the sampled ``v2`` fingerprint over the target layers' base weights (save and load
+compute it), ``fingerprints_v1`` one pass of the full ``v1`` fingerprint (save alone computes it,
+for release 0.1.0's reader).
 """
 
 import os
@@ -34,11 +35,12 @@ def checkpoint_case(model: nn.Module, repeats: int, clock: str, r: int = 16) -> 
                 sorted(lora.named_parameters()), sorted(loaded.named_parameters()), strict=True
             )
         )
-        from modlora.checkpoint import weight_fingerprint
+        from modlora.digest import sample_fingerprint, weight_fingerprint
 
         weights = [t.module.weight for t in lora.layout]
         cases = {
-            "fingerprints": Case(lambda: [weight_fingerprint(w) for w in weights]),
+            "fingerprints": Case(lambda: [sample_fingerprint(w) for w in weights]),
+            "fingerprints_v1": Case(lambda: [weight_fingerprint(w) for w in weights]),
             "modlora_save": Case(lambda: lora.save(ours)),
             "raw_save": Case(lambda: safetensors.torch.save_file(state, raw)),
             "modlora_load": Case(lambda: ml.load_adapter(model, ours)),

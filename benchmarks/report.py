@@ -242,12 +242,14 @@ def notes(results: dict) -> list[str]:
         c = ck["cases"]
         clock = results["settings"]["clock"]
         fp = c["fingerprints"][clock]["median_ms"]
+        v1 = c.get("fingerprints_v1", c["fingerprints"])[clock]["median_ms"]
         save, load = c["modlora_save"][clock]["median_ms"], c["modlora_load"][clock]["median_ms"]
         out.append(
-            f"Checkpoint: fingerprinting the {ck['targets']} base weights takes {fp:.1f} ms, "
-            f"{100 * fp / save:.0f}% of a save ({save:.1f} ms) and {100 * fp / load:.0f}% of a load "
-            f"({load:.1f} ms); the rest is validation, the atomic write (fsync) and rebuilding "
-            "the adapter."
+            f"Checkpoint: the sampled fingerprints of the {ck['targets']} base weights take "
+            f"{fp:.1f} ms ({100 * fp / load:.0f}% of a load, {load:.1f} ms); a save also writes "
+            f"the full v1 fingerprints for release 0.1.0's reader ({v1:.1f} ms, "
+            f"{100 * v1 / save:.0f}% of a save, {save:.1f} ms). The rest is reading and hashing "
+            "the file, validation, the atomic write (fsync) and rebuilding the adapter."
         )
     if any(f.get("threads", 1) > 1 for f in (results.get("forward") or {}).values()):
         m = results["machine"]
@@ -445,8 +447,10 @@ def markdown(results: dict) -> str:
             f"| load | {_ms(c['modlora_load'], clock)} | {_ms(c['raw_load'], clock)} "
             f"| {r['load_vs_raw_cpu']:.2f} | {r['load_vs_raw_wall']:.2f} |",
             "",
-            f"Both save and load fingerprint every target's base weight: one pass over the "
-            f"{ck['targets']} weights takes {_ms(c['fingerprints'], clock)} ms.",
+            f"Save and load fingerprint every target's base weight by samples: one pass over "
+            f"the {ck['targets']} weights takes {_ms(c['fingerprints'], clock)} ms; the full v1 "
+            f"fingerprints a save adds for the previous release's reader take "
+            f"{_ms(c.get('fingerprints_v1', c['fingerprints']), clock)} ms.",
         ]
     ddp = results.get("ddp")
     if ddp:
