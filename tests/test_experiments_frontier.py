@@ -14,7 +14,7 @@ with install_import_hook("experiments", "beartype.beartype"):
     from experiments.build import build_meters
     from experiments.calibrate import calibrate
     from experiments.config import validate
-    from experiments.evaluate import CONF_DIR
+    from experiments.paths import CONF_DIR
     from experiments.frontier import frontier, search
     from experiments.metrics import EncoderMeter
     from experiments.models import tiny_bert
