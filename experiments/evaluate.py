@@ -38,7 +38,6 @@ from .report import format_frontier, format_table, write_json
 from .stats import bootstrap
 
 
-
 def sweep(meter, adapter, c_grid, n_boot: int = 1000, seed: int = 0) -> dict:
     """Measure every ``c`` of the grid: ``{"rows", "rows_ci", "trait", "coherence", "spearman"}``
     (``rows_ci[i]``: the bootstrap intervals of ``rows[i]``)."""

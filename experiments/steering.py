@@ -23,7 +23,7 @@ from loguru import logger
 from torch import Tensor, nn
 
 from .datasets import DataBundle
-from .objectives import pair_batches
+from .tokenization import pair_batches
 
 KINDS = ("vector", "random")
 PLACES = ("out", "mid")
