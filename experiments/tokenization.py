@@ -28,11 +28,6 @@ class CausalBatch:
             self.ids.to(device), self.attention.to(device), self.completion.to(device)
         )
 
-    def repeat(self, n: int) -> "CausalBatch":
-        return CausalBatch(
-            self.ids.repeat(n, 1), self.attention.repeat(n, 1), self.completion.repeat(n, 1)
-        )
-
 
 def concat(*batches: CausalBatch) -> CausalBatch:
     """The rows of ``batches`` one after the other (all padded to the same length)."""
