@@ -7,11 +7,11 @@ import torch
 from jaxtyping import install_import_hook
 
 with install_import_hook("experiments", "beartype.beartype"):
-    from experiments.metrics import fit_probe, spearman
-    from experiments.models import ByteTokenizer
     from experiments.datasets import Pair
     from experiments.encoding import mean_pool
     from experiments.losses import aggregate_positions, position_kl, soft_nll
+    from experiments.metrics import fit_probe, spearman
+    from experiments.models import ByteTokenizer
     from experiments.tokenization import pair_batches, tokenize_completions
     from experiments.trainer import make_scheduler, pcgrad
 

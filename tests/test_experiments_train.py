@@ -167,7 +167,13 @@ def test_saved_adapter_reloads_and_reproduces_the_logged_metrics(tmp_path):
 
     # the command-line form: python -m experiments.evaluate checkpoint=PATH
     out = tmp_path / "evaluate"
-    cmd = [sys.executable, "-m", "experiments.evaluate", f"checkpoint={path}", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        f"checkpoint={path}",
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(CONF_DIR).parent)}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
