@@ -3,12 +3,12 @@
 ``hydra.utils.instantiate(cfg.adapter)`` gives a :class:`LoRAConfig` or a :class:`PiSSAConfig`
 (``_target_`` in the yaml); ``config.build(model, tokenizer, data, ...)`` makes the adapter. The
 start-up check merges the config into the same record (types) and calls ``validate`` (ranges,
-modlora's own choices and layer-range rule).
+modlora's own choices and layer-range rule). Fields hold what the yaml holds (``init`` a string,
+``alpha`` an int or a float), so instantiating gives the same values the run always read.
 """
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
 from itertools import chain
 from typing import Any
 
@@ -18,12 +18,9 @@ import modlora as ml
 from modlora.blocks import check_layer_range
 from modlora.lora import INITS
 
-from .checks import ConfigError, bounded, require
+from .checks import ConfigError, bounded, one_of, require
 from .datasets import DataBundle
 from .tokenization import tokenize_completions
-
-Init = Enum("Init", {i: i for i in INITS}, type=str)
-SelectionScore = Enum("SelectionScore", {s: s for s in ml.SELECTION_SCORES}, type=str)
 
 
 @dataclass(kw_only=True)
@@ -70,14 +67,15 @@ class LoRAConfig(AdapterConfig):
     """``conf/adapter/lora.yaml``: a :class:`~modlora.ModulatedLoRA`."""
 
     kind: str = "lora"
-    alpha: float
+    alpha: float | int
     dropout: float
-    init: Init
+    init: str
 
     def validate(self, key: str = "adapter") -> None:
         super().validate(key)
         bounded(f"{key}.alpha", self.alpha, 0, lo_open=True)
         bounded(f"{key}.dropout", self.dropout, 0, 0.999)
+        one_of(f"{key}.init", self.init, INITS)
 
     def build(
         self, model: nn.Module, tokenizer, data: DataBundle, **calibration
@@ -98,12 +96,13 @@ class PiSSAConfig(AdapterConfig):
     """``conf/adapter/pissa.yaml``: a :class:`~modlora.ModulatedPiSSA`."""
 
     kind: str = "pissa"
-    selection_score: SelectionScore
+    selection_score: str
     delta_s_init: float
 
     def validate(self, key: str = "adapter") -> None:
         super().validate(key)
         bounded(f"{key}.delta_s_init", self.delta_s_init)
+        one_of(f"{key}.selection_score", self.selection_score, ml.SELECTION_SCORES)
 
     def build(
         self,

@@ -25,7 +25,7 @@ def load_model(cfg) -> tuple[nn.Module, object]:
 
 def build_adapter(cfg, model: nn.Module, tokenizer, data: DataBundle) -> ml.LowRankAdapter:
     """A fresh adapter as ``cfg.adapter`` describes (its ``_target_``: the kind's config record)."""
-    return instantiate(cfg.adapter).build(
+    return instantiate(cfg.adapter, _convert_="all").build(
         model,
         tokenizer,
         data,
@@ -38,7 +38,7 @@ def build_adapter(cfg, model: nn.Module, tokenizer, data: DataBundle) -> ml.LowR
 def build_objective(cfg, model, tokenizer, adapter, data: DataBundle, history=None):
     """The objective ``cfg.objective`` describes (its ``_target_``: the objective's config
     record), bound to ``adapter``; ``history``: the kept heal rounds."""
-    config = instantiate(cfg.objective)
+    config = instantiate(cfg.objective, _convert_="all")
     return config.build(model, tokenizer, adapter, data, cfg.model.max_length, history)
 
 

@@ -15,14 +15,13 @@ Each objective owns its batching and returns named loss *terms* per batch; the t
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import bounded
+from .checks import bounded, one_of
 from .datasets import DataBundle, Pair
 from .losses import (
     AGGREGATES,
@@ -36,8 +35,7 @@ from .losses import (
 from .objective_config import ObjectiveConfig, check_top_k
 from .tokenization import concat, pair_batches, tokenize_completions
 
-Aggregate = Enum("Aggregate", {a: a for a in AGGREGATES}, type=str)
-Anchor = Enum("Anchor", {a: a for a in ("base", "prev")}, type=str)
+ANCHORS = ("base", "prev")
 
 
 @dataclass(kw_only=True)
@@ -67,8 +65,8 @@ class HealConfig(ObjectiveConfig):
     name: str = "heal"
     lam: float
     tau: float
-    aggregate: Aggregate
-    anchor: Anchor
+    aggregate: str
+    anchor: str
     top_k: int | None
     rounds: int
     model_kind: ClassVar[str] = "causal"
@@ -78,6 +76,8 @@ class HealConfig(ObjectiveConfig):
         bounded(f"{key}.lam", self.lam, 0)
         bounded(f"{key}.tau", self.tau, 0)
         bounded(f"{key}.rounds", self.rounds, 1)
+        one_of(f"{key}.aggregate", self.aggregate, AGGREGATES)
+        one_of(f"{key}.anchor", self.anchor, ANCHORS)
         check_top_k(f"{key}.top_k", self.top_k)
 
     def build(self, model, tokenizer, adapter, data, max_length, history=None):
@@ -169,7 +169,7 @@ class HealObjective(_CausalBase):
         self, model, tokenizer, adapter, data, config: HealConfig, max_length: int, history=None
     ):
         super().__init__(model, tokenizer, adapter, data, config.train_c, max_length)
-        if config.anchor not in ("base", "prev"):
+        if config.anchor not in ANCHORS:
             raise ValueError(f"objective.anchor must be 'base' or 'prev', got {config.anchor!r}")
         self.lam, self.tau, self.top_k = config.lam, config.tau, config.top_k
         self.aggregate, self.anchor, self.history = config.aggregate, config.anchor, history

@@ -18,6 +18,12 @@ def bounded(key: str, value, lo=None, hi=None, lo_open: bool = False):
     return value
 
 
+def one_of(key: str, value, choices) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
 def require(ok: bool, key: str, message: str) -> None:
     """Raise ``ConfigError("<key> <message>")`` unless ``ok``."""
     if not ok:
