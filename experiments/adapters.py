@@ -20,6 +20,7 @@ from modlora.lora import INITS
 
 from .checks import ConfigError, bounded, one_of, require
 from .datasets import DataBundle
+from .encoding import encoder_inputs
 from .tokenization import tokenize_completions
 
 
@@ -142,17 +143,8 @@ class PiSSAConfig(AdapterConfig):
 
 def _encoder_batches(model, tokenizer, pairs, side: str, max_length: int, bs: int) -> Iterator:
     """``prompt + <side>`` sentences, padded per batch."""
-    device = next(model.parameters()).device
     texts = [p.prompt + getattr(p, side) for p in pairs]
-    for i in range(0, len(texts), bs):
-        enc = tokenizer(
-            texts[i : i + bs],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    yield from encoder_inputs(tokenizer, texts, max_length, bs, next(model.parameters()).device)
 
 
 def _causal_batches(model, tokenizer, pairs, side: str, max_length: int, bs: int) -> Iterator:

@@ -1,5 +1,7 @@
 """Sentence embeddings of an encoder: normalised mean-pooled last hidden states (MiniLM's)."""
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -12,6 +14,21 @@ def mean_pool(
     """Mean of the hidden states over the non-padding tokens."""
     m = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def encoder_inputs(
+    tokenizer, texts: list[str], max_length: int, batch_size: int, device
+) -> Iterator[dict[str, Tensor]]:
+    """``{"input_ids", "attention_mask"}`` of ``texts``, ``batch_size`` at a time, padded per batch."""
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def embed(
