@@ -36,6 +36,9 @@ def _options(group: str) -> list[str]:
 
 
 def test_every_group_has_options():
+    # one folder per concept: the groups above and hydra/launcher; primary configs at the top
+    assert sorted(p.name for p in CONF.iterdir() if p.is_dir()) == sorted([*GROUPS, "hydra"])
+    assert sorted(p.name for p in CONF.glob("*.yaml")) == ["evaluate.yaml", "train.yaml"]
     for group in GROUPS:
         assert _options(group), f"conf/{group} is empty"
     assert _options("hydra/launcher") == ["local", "slurm"]
