@@ -21,7 +21,7 @@ from modlora import read_metadata
 
 from .adapters import AdapterConfig
 from .causal_objectives import BidirectionalConfig, HealConfig
-from .checks import ConfigError, bounded, require
+from .checks import ConfigError, require
 from .datasets import DataBundle, DataError, load_data
 from .encoder_objective import EncoderConfig
 from .objective_config import ObjectiveConfig
@@ -107,7 +107,8 @@ def validate_device(device: str) -> None:
         raise ConfigError(f"device={device!r}: MPS is not available on this machine")
 
 
-def validate_model(model: ModelSchema) -> None:
+def validate_loader(model: ModelSchema) -> None:
+    """``model.loader._target_`` exists; a hub model is reachable (offline: in the cache)."""
     target = model.loader.get("_target_")
     try:
         get_method(target)
@@ -115,7 +116,6 @@ def validate_model(model: ModelSchema) -> None:
         raise ConfigError(
             f"model.loader._target_={target!r}: unknown model loader ({err})"
         ) from None
-    bounded("model.max_length", model.max_length, 1)
     if target.endswith("load_hub"):
         require(bool(model.name), "model.name", "must be a hub id or a local folder, got ''")
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -138,23 +138,9 @@ def validate_fit(model: ModelSchema, objective: ObjectiveConfig) -> None:
         )
 
 
-def validate_train(train: TrainSchema, adapter: AdapterConfig, objective: ObjectiveConfig) -> None:
-    bounded("train.lr", train.lr, 0, lo_open=True)
-    bounded("train.weight_decay", train.weight_decay, 0)
-    bounded("train.batch_size", train.batch_size, 1)
-    bounded("train.epochs", train.epochs, 1)
-    bounded("train.max_steps", train.max_steps, 1)
-    bounded("train.warmup_ratio", train.warmup_ratio, 0, 0.999)
-    bounded("train.min_lr_ratio", train.min_lr_ratio, 0, 1)
-    bounded("train.grad_clip", train.grad_clip, 0, lo_open=True)
-    bounded("train.patience", train.patience, 1)
-    bounded("train.min_delta", train.min_delta, 0)
-    bounded("train.log_every", train.log_every, 0)
+def validate_files(train: TrainSchema, adapter: AdapterConfig, objective: ObjectiveConfig) -> None:
+    """``train.resume_from`` / ``train.init_from`` exist and hold the configured adapter kind."""
     resume, init = train.resume_from, train.init_from
-    if resume is not None and init is not None:
-        raise ConfigError(
-            "train.resume_from and train.init_from are exclusive: resume continues a run, init_from forks one"
-        )
     if resume is not None and isinstance(objective, HealConfig):
         raise ConfigError(
             "train.resume_from is not supported with objective=heal (rounds); fork a round with train.init_from"
@@ -178,69 +164,10 @@ def validate_train(train: TrainSchema, adapter: AdapterConfig, objective: Object
             )
 
 
-def validate_eval(e: EvalSchema) -> None:
-    grid = e.c_grid
-    require(len(grid) > 0, "eval.c_grid", f"must be a non-empty list of numbers, got {grid!r}")
-    for value in grid:
-        bounded("eval.c_grid", value)
-    require(
-        0 in grid,
-        "eval.c_grid",
-        f"must contain 0 (the base model every metric is relative to), got {grid!r}",
-    )
-    require(len(set(grid)) == len(grid), "eval.c_grid", f"has repeated values: {grid!r}")
-    bounded("eval.batch_size", e.batch_size, 1)
-    bounded("eval.probe_l2", e.probe_l2, 0)
-    bounded("eval.probe_steps", e.probe_steps, 1)
-    for key, search in (("eval.calibration", e.calibration), ("eval.frontier", e.frontier)):
-        bounded(f"{key}.rel_tol", search.rel_tol, 0, 0.5, lo_open=True)
-        bounded(f"{key}.max_c", search.max_c, 1)
-        bounded(f"{key}.max_evals", search.max_evals, 4)
-    bounded("eval.gates.min_cosine", e.gates.min_cosine, -1, 1)
-    bounded("eval.gates.max_nll_increase", e.gates.max_nll_increase, 0)
-    bounded("eval.gates.max_kl", e.gates.max_kl, 0)
-    _levels("eval.frontier.cosine", e.frontier.cosine, -1, 1, descending=True)
-    _levels("eval.frontier.kl", e.frontier.kl, 0, None, descending=False)
-    methods = [str(m.value) for m in e.baselines.methods]
-    require(
-        len(set(methods)) == len(methods),
-        "eval.baselines.methods",
-        f"has repeated names: {methods!r}",
-    )
-    bounded("eval.baselines.mid_block", e.baselines.mid_block, 0, 1)
-    bounded("eval.bootstrap.n", e.bootstrap.n, 10)
-    bounded("eval.bootstrap.seed", e.bootstrap.seed, 0)
-
-
-def _levels(key: str, values: list[float], lo, hi, descending: bool) -> None:
-    """A non-empty list of distinct numbers in (lo, hi), ordered away from the c = 0 value."""
-    require(len(values) > 0, key, f"must be a non-empty list of numbers, got {values!r}")
-    for v in values:
-        bounded(key, v)
-        require(
-            lo < v and (hi is None or v < hi),
-            key,
-            f"values must lie in ({lo}, {hi}), got {values!r}",
-        )
-    order = "descending" if descending else "ascending"
-    require(
-        values == sorted(set(values), reverse=descending),
-        key,
-        f"must be distinct and {order} (away from c = 0), got {values!r}",
-    )
-
-
 def validate_data(cfg, raw: dict) -> DataBundle:
     kind = raw.get("kind")
     require(kind in DATA_SCHEMAS, "data.kind", f"must be one of {list(DATA_SCHEMAS)}, got {kind!r}")
-    data = _typed(DATA_SCHEMAS[kind], raw, "data")
-    bounded("data.val_fraction", data.val_fraction, 0, 0.9, lo_open=True)
-    if kind == "sentiment":
-        bounded("data.n_train", data.n_train, 2, 1368)
-    else:
-        bounded("data.heldout_fraction", data.heldout_fraction, 0, 0.9, lo_open=True)
-        if data.max_pairs is not None:
-            bounded("data.max_pairs", data.max_pairs, 2)
+    _typed(DATA_SCHEMAS[kind], raw, "data").validate()
     try:
         return load_data(cfg.data)
     except DataError as err:
@@ -258,17 +185,18 @@ def validate(cfg) -> DataBundle:
         if group not in raw:
             raise ConfigError(f"{group}: missing from the config")
     run = _typed(RunSchema, {k: raw.get(k) for k in RunSchema.__dataclass_fields__}, "")
-    bounded("seed", run.seed, 0)
-    if run.threads is not None:
-        bounded("threads", run.threads, 1)
+    run.validate()
     validate_device(run.device)
     model = _typed(ModelSchema, raw["model"], "model")
-    validate_model(model)
+    model.validate()
+    validate_loader(model)
     adapter = _record(raw["adapter"], "adapter", AdapterConfig)
     objective = _record(raw["objective"], "objective", ObjectiveConfig)
     validate_fit(model, objective)
     adapter.validate("adapter")
     objective.validate("objective")
-    validate_train(_typed(TrainSchema, raw["train"], "train"), adapter, objective)
-    validate_eval(_typed(EvalSchema, raw["eval"], "eval"))
+    train = _typed(TrainSchema, raw["train"], "train")
+    train.validate()
+    validate_files(train, adapter, objective)
+    _typed(EvalSchema, raw["eval"], "eval").validate()
     return validate_data(cfg, raw["data"])
