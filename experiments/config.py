@@ -33,10 +33,11 @@ OBJECTIVE_CONFIGS = (EncoderConfig, BidirectionalConfig, HealConfig)
 
 
 def _join(key: str, sub) -> str:
+    """``adapter`` + ``r`` -> ``adapter.r``; ``eval.c_grid`` + ``[1]`` -> ``eval.c_grid[1]``."""
     sub = str(sub)
-    return (
-        key if not sub else f"{key}{sub}" if sub.startswith("[") else f"{key}.{sub}" if key else sub
-    )
+    if not key or not sub:
+        return key or sub
+    return f"{key}{sub}" if sub.startswith("[") else f"{key}.{sub}"
 
 
 def _same(raw, typed, key: str) -> None:
@@ -79,11 +80,8 @@ def _record(value, key: str, base: type):
         cls = get_class(target)
     except Exception as err:
         raise ConfigError(f"{key}._target_={target!r}: not found ({err})") from None
-    require(
-        issubclass(cls, base),
-        f"{key}._target_",
-        f"={target!r} is not a {base.__name__} ({base.__module__})",
-    )
+    if not issubclass(cls, base):
+        raise ConfigError(f"{key}._target_={target!r} is not a {base.__module__}.{base.__name__}")
     return _typed(cls, {k: v for k, v in value.items() if k != "_target_"}, key)
 
 
