@@ -2,5 +2,6 @@
 
 Every case runs in one process, interleaved round-robin over repeats, and is reported as medians
 and ratios to a reference measured in the same rounds (never absolute times alone). Results go to
-``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md``.
+a new ``benchmarks/results/runs/<date>_<time>/`` (gitignored); ``--update`` writes the committed
+``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` instead.
 """

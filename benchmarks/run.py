@@ -5,6 +5,10 @@ Usage::
     python -m benchmarks.run            # full run (~10 minutes of CPU on 2 cores)
     python -m benchmarks.run --quick    # smaller shapes, fewer repeats (~1 minute)
     python -m benchmarks.run --only forward,compile --threads 2
+    python -m benchmarks.run --update   # a full run that replaces the committed results/latest.*
+
+Results go to a new ``benchmarks/results/runs/<date>_<time>/`` (gitignored) unless ``--update``
+(the committed ``benchmarks/results/``, which the README quotes) or ``--out FOLDER``.
 
 ``--smoke`` is a seconds-long run on tiny models for the test suite; its numbers mean nothing.
 """
@@ -303,6 +307,13 @@ def run(mode: str = "full", only=CASES, clock: str = "cpu", threads: int = 1) ->
     return results
 
 
+def run_folder() -> Path:
+    """A new ``benchmarks/results/runs/<date>_<time>/`` (gitignored): a plain run never
+    overwrites the committed tables."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return RESULTS / "runs" / stamp
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     group = parser.add_mutually_exclusive_group()
@@ -311,13 +322,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated of {CASES}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--clock", choices=common.CLOCKS, default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json/.md")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for latest.json/.md (default: a new benchmarks/results/runs/<date>_<time>/)",
+    )
+    where.add_argument(
+        "--update",
+        action="store_true",
+        help="write the committed benchmarks/results/latest.json/.md (the README's tables)",
+    )
     args = parser.parse_args(argv)
+    out = RESULTS if args.update else args.out or run_folder()
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     only = tuple(c.strip() for c in args.only.split(",") if c.strip())
     warnings.filterwarnings("ignore", category=FutureWarning)
     results = run(mode, only, args.clock, args.threads)
-    json_path, md_path = report.write(results, args.out)
+    json_path, md_path = report.write(results, out)
     print(report.markdown(results))
     _log(f"wrote {json_path} and {md_path} in {results['seconds']:.0f} s")
     if results.get("errors"):

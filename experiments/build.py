@@ -9,14 +9,8 @@ from torch import nn
 import modlora as ml
 
 from .datasets import DataBundle
+from .encoding import embed_all
 from .metrics import CausalMeter, EncoderMeter, fit_probe
-from .objectives import (
-    BidirectionalObjective,
-    EncoderObjective,
-    HealObjective,
-    embed_all,
-    tokenize_completions,
-)
 from .steering import build_baselines
 
 
@@ -29,111 +23,23 @@ def load_model(cfg) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
-def _layer_range(value):
-    return None if value is None else tuple(value)
-
-
-def _calibration(cfg, model, tokenizer, data: DataBundle, layout):
-    """Calibration inputs for activation-driven PiSSA scores: the training split's texts."""
-    device = next(model.parameters()).device
-    score = cfg.adapter.selection_score
-    bs = cfg.eval.batch_size
-    pairs = data.train
-    if cfg.model.kind == "encoder":
-
-        def batches(texts):
-            for i in range(0, len(texts), bs):
-                enc = tokenizer(
-                    texts[i : i + bs],
-                    padding=True,
-                    truncation=True,
-                    max_length=cfg.model.max_length,
-                    return_tensors="pt",
-                ).to(device)
-                yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-        cho = [p.prompt + p.chosen for p in pairs]
-        rej = [p.prompt + p.rejected for p in pairs]
-    else:
-
-        def batches(side):
-            for i in range(0, len(pairs), bs):
-                chunk = pairs[i : i + bs]
-                b = tokenize_completions(
-                    tokenizer,
-                    [p.prompt for p in chunk],
-                    [getattr(p, side) for p in chunk],
-                    cfg.model.max_length,
-                ).to(device)
-                yield {
-                    "input_ids": b.ids,
-                    "attention_mask": b.attention,
-                    "calibration_mask": b.completion.long(),
-                }
-
-        cho, rej = "chosen", "rejected"
-    if score == "cho_rej_min_std":
-        return ml.collect_calibration(model, layout, batches(cho), rejected=batches(rej))
-    return ml.collect_calibration(model, layout, _chain(batches(cho), batches(rej)))
-
-
-def _chain(*iterables):
-    for it in iterables:
-        yield from it
-
-
 def build_adapter(cfg, model: nn.Module, tokenizer, data: DataBundle) -> ml.LowRankAdapter:
-    """A fresh ``ModulatedLoRA`` or ``ModulatedPiSSA`` as ``cfg.adapter`` describes."""
-    a = cfg.adapter
-    common = dict(
-        targets=tuple(a.targets) if not isinstance(a.targets, str) else a.targets,
-        exclude=tuple(a.exclude) if not isinstance(a.exclude, str) else a.exclude,
-        layer_range=_layer_range(a.layer_range),
-    )
-    if a.kind == "lora":
-        return ml.ModulatedLoRA(
-            model, r=a.r, alpha=a.alpha, dropout=a.dropout, init=a.init, **common
-        )
-    calibration = None
-    if a.selection_score != "s_only":
-        layout = ml.find_targets(model, **common)
-        calibration = _calibration(cfg, model, tokenizer, data, layout)
-    return ml.ModulatedPiSSA(
+    """A fresh adapter as ``cfg.adapter`` describes (its ``_target_``: the kind's config record)."""
+    return instantiate(cfg.adapter, _convert_="all").build(
         model,
-        r=a.r,
-        selection_score=a.selection_score,
-        calibration=calibration,
-        delta_s_init=a.delta_s_init,
-        **common,
+        tokenizer,
+        data,
+        encoder=cfg.model.kind == "encoder",
+        max_length=cfg.model.max_length,
+        batch_size=cfg.eval.batch_size,
     )
 
 
 def build_objective(cfg, model, tokenizer, adapter, data: DataBundle, history=None):
-    """The objective ``cfg.objective.name`` names, bound to ``adapter``."""
-    o = cfg.objective
-    max_length = cfg.model.max_length
-    if o.name == "encoder":
-        return EncoderObjective(
-            model, tokenizer, adapter, data, o.shift, o.barrier, o.margin, o.train_c, max_length
-        )
-    if o.name == "bidirectional":
-        return BidirectionalObjective(
-            model, tokenizer, adapter, data, o.train_c, max_length, o.beta, o.top_k, o.pcgrad
-        )
-    return HealObjective(
-        model,
-        tokenizer,
-        adapter,
-        data,
-        o.train_c,
-        max_length,
-        o.lam,
-        o.tau,
-        o.aggregate,
-        o.anchor,
-        o.top_k,
-        history,
-    )
+    """The objective ``cfg.objective`` describes (its ``_target_``: the objective's config
+    record), bound to ``adapter``; ``history``: the kept heal rounds."""
+    config = instantiate(cfg.objective, _convert_="all")
+    return config.build(model, tokenizer, adapter, data, cfg.model.max_length, history)
 
 
 def build_meters(cfg, model, tokenizer, data: DataBundle) -> dict:

@@ -1,198 +1,145 @@
 """Start-up checks of a composed config: every bad value fails here, naming its key.
 
 :func:`validate` runs before any model is loaded or any data is tokenised, so a typo costs a
-second, not a training run. It reads the data files (cheap) so an empty file or a malformed
-JSONL line is caught too, and returns the loaded :class:`~experiments.datasets.DataBundle`.
+second, not a training run. Types come from structured configs: each group is merged into its
+dataclass (:mod:`experiments.schema`; the adapter and objective groups into the record their
+``_target_`` names), which also refuses unknown and missing keys. What types cannot say is
+checked here or by the record's ``validate``: ranges, choices from modlora's own tuples,
+``model.kind`` against the objective, files that must exist. The data files are read (cheap) so
+an empty file or a malformed JSONL line is caught too, and the loaded
+:class:`~experiments.datasets.DataBundle` is returned.
 """
 
-import math
 import os
-from numbers import Real
 from pathlib import Path
 
-from hydra.utils import get_method
-from omegaconf import DictConfig, ListConfig
+from hydra.utils import get_class, get_method
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from modlora import read_metadata
 
+from .adapters import AdapterConfig
+from .causal_objectives import BidirectionalConfig, HealConfig
+from .checks import ConfigError, require
 from .datasets import DataBundle, DataError, load_data
-from .steering import KINDS as BASELINE_KINDS
-from .steering import PLACES as BASELINE_PLACES
+from .encoder_objective import EncoderConfig
+from .objective_config import ObjectiveConfig
+from .schema import DATA_SCHEMAS, EvalSchema, ModelSchema, RunSchema, TrainSchema
 
-MODEL_KINDS = ("encoder", "causal")
-OBJECTIVES = {"encoder": ("encoder",), "causal": ("bidirectional", "heal")}
-ADAPTERS = ("lora", "pissa")
-SELECTION_SCORES = ("s_only", "act_only", "wanda", "cho_rej_min_std")
+__all__ = ["ConfigError", "validate"]
 
-
-class ConfigError(ValueError):
-    """A config value is unusable; the message starts with its key."""
+OBJECTIVE_CONFIGS = (EncoderConfig, BidirectionalConfig, HealConfig)
 
 
-def _get(cfg, key: str):  # cfg: a DictConfig
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            raise ConfigError(f"{key}: missing from the config")
-        node = node[part]
-    return node
+def _join(key: str, sub) -> str:
+    """``adapter`` + ``r`` -> ``adapter.r``; ``eval.c_grid`` + ``[1]`` -> ``eval.c_grid[1]``."""
+    sub = str(sub)
+    if not key or not sub:
+        return key or sub
+    return f"{key}{sub}" if sub.startswith("[") else f"{key}.{sub}"
 
 
-def _number(
-    cfg, key: str, lo: Real | None = None, hi: Real | None = None, lo_open=False, integer=False
-):
-    value = _get(cfg, key)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or (integer and not isinstance(value, int))
-    ):
-        raise ConfigError(f"{key} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be finite, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ConfigError(f"{key} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key} must be <= {hi}, got {value!r}")
-    return value
+def _same(raw, typed, key: str) -> None:
+    """The merge converts what it can ("yes" to True, "3" to 3); the run reads the raw value, so
+    a value that needed converting is refused."""
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            _same(v, typed[k], _join(key, k))
+    elif isinstance(raw, list):
+        for i, v in enumerate(raw):
+            _same(v, typed[i], f"{key}[{i}]")
+    elif raw != typed or isinstance(raw, str) != isinstance(typed, str):
+        raise ConfigError(f"{key} must be a {type(typed).__name__}, got {raw!r}")
 
 
-def _choice(cfg, key: str, choices) -> str:
-    value = _get(cfg, key)
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
-    return value
+def _typed(schema: type, value, key: str):
+    """``value`` (plain containers) as an instance of the dataclass ``schema``; a wrong type, a
+    missing or an unknown key raises :class:`ConfigError` naming it."""
+    require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), value)
+    except ConfigKeyError as err:
+        raise ConfigError(
+            f"{_join(key, err.full_key)}: not a key of {key} ({schema.__name__})"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{_join(key, err.full_key)}: {str(err).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{_join(key, missing[0])}: missing from the config")
+    _same(value, OmegaConf.to_container(merged, enum_to_str=True), key)
+    return OmegaConf.to_object(merged)
 
 
-def _layer_range(cfg, key: str) -> None:
-    value = _get(cfg, key)
-    if value is None:
-        return
-    if not isinstance(value, ListConfig | list | tuple) or len(value) != 2:
-        raise ConfigError(f"{key} must be null or [lo, hi], got {value!r}")
-    lo, hi = value
-    if any(isinstance(v, bool) or not isinstance(v, Real) for v in (lo, hi)):
-        raise ConfigError(f"{key} must hold two numbers, got {list(value)!r}")
-    if isinstance(lo, float) or isinstance(hi, float):
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ConfigError(f"{key} as fractions needs 0 <= lo < hi <= 1, got {list(value)!r}")
-    elif not 0 <= lo < hi:
-        raise ConfigError(f"{key} as block indices needs 0 <= lo < hi, got {list(value)!r}")
+def _record(value, key: str, base: type):
+    """The record ``<key>._target_`` names (a subclass of ``base``), filled from ``value``."""
+    require(isinstance(value, dict) and "_target_" in value, f"{key}._target_", "is missing")
+    target = value["_target_"]
+    try:
+        cls = get_class(target)
+    except Exception as err:
+        raise ConfigError(f"{key}._target_={target!r}: not found ({err})") from None
+    if not issubclass(cls, base):
+        raise ConfigError(f"{key}._target_={target!r} is not a {base.__module__}.{base.__name__}")
+    return _typed(cls, {k: v for k, v in value.items() if k != "_target_"}, key)
 
 
-def validate_device(cfg) -> None:
+def _resolved(cfg) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{err.full_key}: {str(err).splitlines()[0]}") from None
+
+
+def validate_device(device: str) -> None:
     import torch
 
-    value = _get(cfg, "device")
     try:
-        device = torch.device(value)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device={value!r}: not a torch device ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={value!r}: no CUDA device on this machine (use device=cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={value!r}: MPS is not available on this machine")
+        raise ConfigError(f"device={device!r}: not a torch device ({err})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: no CUDA device on this machine (use device=cpu)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r}: MPS is not available on this machine")
 
 
-def validate_model(cfg) -> None:
-    kind = _choice(cfg, "model.kind", MODEL_KINDS)
-    target = _get(cfg, "model.loader._target_")
+def validate_loader(model: ModelSchema) -> None:
+    """``model.loader._target_`` exists; a hub model is reachable (offline: in the cache)."""
+    target = model.loader.get("_target_")
     try:
         get_method(target)
     except Exception as err:
         raise ConfigError(
             f"model.loader._target_={target!r}: unknown model loader ({err})"
         ) from None
-    _number(cfg, "model.max_length", 1, integer=True)
     if target.endswith("load_hub"):
-        name = _get(cfg, "model.name")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"model.name must be a hub id or a local folder, got {name!r}")
+        require(bool(model.name), "model.name", "must be a hub id or a local folder, got ''")
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         from .models import hub_model_available
 
-        if offline and not hub_model_available(name, cfg.model.loader.get("revision")):
+        if offline and not hub_model_available(model.name, model.loader.get("revision")):
             raise ConfigError(
-                f"model.name={name!r}: not a local folder and not in the Hugging Face cache, "
+                f"model.name={model.name!r}: not a local folder and not in the Hugging Face cache, "
                 "and HF_HUB_OFFLINE is set (download it first, or point model.name at a folder)"
             )
-    objective = _get(cfg, "objective.name")
-    if objective not in OBJECTIVES[kind]:
+
+
+def validate_fit(model: ModelSchema, objective: ObjectiveConfig) -> None:
+    """The objective is made for the model's kind."""
+    if objective.model_kind != model.kind:
+        fits = [c.name for c in OBJECTIVE_CONFIGS if c.model_kind == model.kind]
         raise ConfigError(
-            f"objective.name={objective!r} does not fit model.kind={kind!r} "
-            f"(use one of {list(OBJECTIVES[kind])}, e.g. objective={OBJECTIVES[kind][0]})"
+            f"objective.name={objective.name!r} does not fit model.kind={str(model.kind.value)!r} "
+            f"(use one of {fits}, e.g. objective={fits[0]})"
         )
 
 
-def validate_adapter(cfg) -> None:
-    kind = _choice(cfg, "adapter.kind", ADAPTERS)
-    _number(cfg, "adapter.lr", 0, lo_open=True)
-    _number(cfg, "adapter.r", 1, integer=True)
-    _layer_range(cfg, "adapter.layer_range")
-    for key in ("adapter.targets", "adapter.exclude"):
-        value = _get(cfg, key)
-        if isinstance(value, str):
-            continue
-        if not isinstance(value, ListConfig) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} must be a list of strings, got {value!r}")
-    if len(_get(cfg, "adapter.targets")) == 0:
-        raise ConfigError("adapter.targets must name at least one pattern")
-    if kind == "lora":
-        _number(cfg, "adapter.alpha", 0, lo_open=True)
-        _number(cfg, "adapter.dropout", 0, 0.999)
-        _choice(cfg, "adapter.init", ("zero", "signed"))
-    else:
-        _choice(cfg, "adapter.selection_score", SELECTION_SCORES)
-        _number(cfg, "adapter.delta_s_init")
-
-
-def validate_objective(cfg) -> None:
-    name = _get(cfg, "objective.name")
-    _number(cfg, "objective.train_c", 0, lo_open=True)
-    if name == "encoder":
-        _number(cfg, "objective.shift", 0, lo_open=True)
-        _number(cfg, "objective.barrier", 0)
-        _number(cfg, "objective.margin", 0)
-    elif name == "bidirectional":
-        _number(cfg, "objective.beta", 0)
-        if _get(cfg, "objective.top_k") is not None:
-            _number(cfg, "objective.top_k", 1, integer=True)
-        if not isinstance(_get(cfg, "objective.pcgrad"), bool):
-            raise ConfigError(
-                f"objective.pcgrad must be true or false, got {cfg.objective.pcgrad!r}"
-            )
-    elif name == "heal":
-        _number(cfg, "objective.lam", 0)
-        _number(cfg, "objective.tau", 0)
-        _choice(cfg, "objective.aggregate", ("mean", "rmse", "p95", "max"))
-        _choice(cfg, "objective.anchor", ("base", "prev"))
-        _number(cfg, "objective.rounds", 1, integer=True)
-        if _get(cfg, "objective.top_k") is not None:
-            _number(cfg, "objective.top_k", 1, integer=True)
-    else:
-        raise ConfigError(
-            f"objective.name must be one of encoder, bidirectional, heal; got {name!r}"
-        )
-
-
-def validate_train(cfg) -> None:
-    _number(cfg, "train.lr", 0, lo_open=True)
-    _number(cfg, "train.weight_decay", 0)
-    _number(cfg, "train.batch_size", 1, integer=True)
-    _number(cfg, "train.epochs", 1, integer=True)
-    _number(cfg, "train.max_steps", 1, integer=True)
-    _number(cfg, "train.warmup_ratio", 0, 0.999)
-    _number(cfg, "train.min_lr_ratio", 0, 1)
-    _number(cfg, "train.grad_clip", 0, lo_open=True)
-    _number(cfg, "train.patience", 1, integer=True)
-    _number(cfg, "train.min_delta", 0)
-    _number(cfg, "train.log_every", 0, integer=True)
-    resume, init = _get(cfg, "train.resume_from"), _get(cfg, "train.init_from")
-    if resume is not None and init is not None:
-        raise ConfigError(
-            "train.resume_from and train.init_from are exclusive: resume continues a run, init_from forks one"
-        )
-    if resume is not None and _get(cfg, "objective.name") == "heal":
+def validate_files(train: TrainSchema, adapter: AdapterConfig, objective: ObjectiveConfig) -> None:
+    """``train.resume_from`` / ``train.init_from`` exist and hold the configured adapter kind."""
+    resume, init = train.resume_from, train.init_from
+    if resume is not None and isinstance(objective, HealConfig):
         raise ConfigError(
             "train.resume_from is not supported with objective=heal (rounds); fork a round with train.init_from"
         )
@@ -209,76 +156,16 @@ def validate_train(cfg) -> None:
             raise ConfigError(
                 f"{key}={value!r}: not a training state or adapter file ({err})"
             ) from None
-        if kind != _get(cfg, "adapter.kind"):
+        if kind != adapter.kind:
             raise ConfigError(
-                f"{key}={value!r} holds a {kind} adapter but adapter.kind={cfg.adapter.kind!r}"
+                f"{key}={value!r} holds a {kind} adapter but adapter.kind={adapter.kind!r}"
             )
 
 
-def validate_eval(cfg) -> None:
-    grid = _get(cfg, "eval.c_grid")
-    if not isinstance(grid, ListConfig) or len(grid) == 0:
-        raise ConfigError(f"eval.c_grid must be a non-empty list of numbers, got {grid!r}")
-    for value in grid:
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise ConfigError(f"eval.c_grid must hold finite numbers, got {list(grid)!r}")
-    if 0 not in list(grid):
-        raise ConfigError(
-            f"eval.c_grid must contain 0 (the base model every metric is relative to), got {list(grid)!r}"
-        )
-    if len(set(grid)) != len(grid):
-        raise ConfigError(f"eval.c_grid has repeated values: {list(grid)!r}")
-    _number(cfg, "eval.batch_size", 1, integer=True)
-    _number(cfg, "eval.probe_l2", 0)
-    _number(cfg, "eval.probe_steps", 1, integer=True)
-    _number(cfg, "eval.calibration.rel_tol", 0, 0.5, lo_open=True)
-    _number(cfg, "eval.calibration.max_c", 1)
-    _number(cfg, "eval.calibration.max_evals", 4, integer=True)
-    _number(cfg, "eval.gates.min_cosine", -1, 1)
-    _number(cfg, "eval.gates.max_nll_increase", 0)
-    _number(cfg, "eval.gates.max_kl", 0)
-    _levels(cfg, "eval.frontier.cosine", -1, 1, descending=True)
-    _levels(cfg, "eval.frontier.kl", 0, None, descending=False)
-    _number(cfg, "eval.frontier.rel_tol", 0, 0.5, lo_open=True)
-    _number(cfg, "eval.frontier.max_c", 1)
-    _number(cfg, "eval.frontier.max_evals", 4, integer=True)
-    methods = _get(cfg, "eval.baselines.methods")
-    names = [f"{k}_{p}" for k in BASELINE_KINDS for p in BASELINE_PLACES]
-    if not isinstance(methods, ListConfig) or any(m not in names for m in methods):
-        raise ConfigError(f"eval.baselines.methods must be a list of {names}, got {methods!r}")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"eval.baselines.methods has repeated names: {list(methods)!r}")
-    _number(cfg, "eval.baselines.mid_block", 0, 1)
-    _number(cfg, "eval.bootstrap.n", 10, integer=True)
-    _number(cfg, "eval.bootstrap.seed", 0, integer=True)
-
-
-def _levels(cfg, key: str, lo, hi, descending: bool) -> None:
-    """A non-empty list of distinct numbers in (lo, hi), ordered away from the c = 0 value."""
-    value = _get(cfg, key)
-    if not isinstance(value, ListConfig) or len(value) == 0:
-        raise ConfigError(f"{key} must be a non-empty list of numbers, got {value!r}")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
-            raise ConfigError(f"{key} must hold finite numbers, got {list(value)!r}")
-        if v <= lo or (hi is not None and v >= hi):
-            raise ConfigError(f"{key} values must lie in ({lo}, {hi}), got {list(value)!r}")
-    if list(value) != sorted(set(value), reverse=descending):
-        order = "descending" if descending else "ascending"
-        raise ConfigError(
-            f"{key} must be distinct and {order} (away from c = 0), got {list(value)!r}"
-        )
-
-
-def validate_data(cfg) -> DataBundle:
-    kind = _choice(cfg, "data.kind", ("sentiment", "jsonl"))
-    _number(cfg, "data.val_fraction", 0, 0.9, lo_open=True)
-    if kind == "sentiment":
-        _number(cfg, "data.n_train", 2, 1368, integer=True)
-    else:
-        _number(cfg, "data.heldout_fraction", 0, 0.9, lo_open=True)
-        if _get(cfg, "data.max_pairs") is not None:
-            _number(cfg, "data.max_pairs", 2, integer=True)
+def validate_data(cfg, raw: dict) -> DataBundle:
+    kind = raw.get("kind")
+    require(kind in DATA_SCHEMAS, "data.kind", f"must be one of {list(DATA_SCHEMAS)}, got {kind!r}")
+    _typed(DATA_SCHEMAS[kind], raw, "data").validate()
     try:
         return load_data(cfg.data)
     except DataError as err:
@@ -291,13 +178,23 @@ def validate(cfg) -> DataBundle:
     Raises:
         ConfigError: the first bad value, its key first in the message.
     """
-    _number(cfg, "seed", 0, integer=True)
-    if _get(cfg, "threads") is not None:
-        _number(cfg, "threads", 1, integer=True)
-    validate_device(cfg)
-    validate_model(cfg)
-    validate_adapter(cfg)
-    validate_objective(cfg)
-    validate_train(cfg)
-    validate_eval(cfg)
-    return validate_data(cfg)
+    raw = _resolved(cfg)
+    for group in ("model", "adapter", "objective", "data", "train", "eval"):
+        if group not in raw:
+            raise ConfigError(f"{group}: missing from the config")
+    run = _typed(RunSchema, {k: raw.get(k) for k in RunSchema.__dataclass_fields__}, "")
+    run.validate()
+    validate_device(run.device)
+    model = _typed(ModelSchema, raw["model"], "model")
+    model.validate()
+    validate_loader(model)
+    adapter = _record(raw["adapter"], "adapter", AdapterConfig)
+    objective = _record(raw["objective"], "objective", ObjectiveConfig)
+    validate_fit(model, objective)
+    adapter.validate("adapter")
+    objective.validate("objective")
+    train = _typed(TrainSchema, raw["train"], "train")
+    train.validate()
+    validate_files(train, adapter, objective)
+    _typed(EvalSchema, raw["eval"], "eval").validate()
+    return validate_data(cfg, raw["data"])

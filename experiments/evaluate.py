@@ -32,14 +32,10 @@ from .calibrate import calibrate
 from .datasets import load_data
 from .frontier import frontier
 from .metrics import row_of, spearman
+from .paths import CONF_DIR
 from .plots import plot
 from .report import format_frontier, format_table, write_json
 from .stats import bootstrap
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# The evaluation app has its own config folder: there ``adapter=PATH`` is a plain key, not the
-# training app's ``adapter`` config group.
-EVAL_CONF_DIR = str(Path(CONF_DIR) / "evaluate")
 
 
 def sweep(meter, adapter, c_grid, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -135,7 +131,7 @@ def reevaluate(
     extra = meta.get("extra_meta") or {}
     if "config" not in extra:
         raise ValueError(
-            f"adapter={adapter_path!r}: no experiment config in its metadata (not written by experiments.train)"
+            f"checkpoint={adapter_path!r}: no experiment config in its metadata (not written by experiments.train)"
         )
     cfg = OmegaConf.create(extra["config"])
     cfg.device = device
@@ -172,23 +168,23 @@ def _reevaluate(cfg, extra: dict, adapter_path: str, out_dir, make_plot: bool) -
     return result
 
 
-@hydra.main(config_path=EVAL_CONF_DIR, config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sink = logger.add(out_dir / "evaluate.log", level="INFO")
     try:
-        if not Path(cfg.adapter).is_file():
-            raise SystemExit(f"adapter={cfg.adapter!r}: no such file")
+        if not Path(cfg.checkpoint).is_file():
+            raise SystemExit(f"checkpoint={cfg.checkpoint!r}: no such file")
         start = time.time()
         overrides = OmegaConf.to_container(cfg.eval) if cfg.eval is not None else None
-        result = reevaluate(cfg.adapter, cfg.device, overrides, out_dir, cfg.plot, cfg.threads)
+        result = reevaluate(cfg.checkpoint, cfg.device, overrides, out_dir, cfg.plot, cfg.threads)
         columns = [result["trait"], *result["coherence"]]
         table = format_table(result["rows"], columns, result["rows_ci"])
         print(table)
         print(format_frontier(result))
         if "max_abs_diff" in result:
             print(f"largest difference from the logged metrics: {result['max_abs_diff']:.2e}")
-        logger.info("evaluated {} in {:.1f}s\n{}", cfg.adapter, time.time() - start, table)
+        logger.info("evaluated {} in {:.1f}s\n{}", cfg.checkpoint, time.time() - start, table)
         return result.get("max_abs_diff")
     finally:
         logger.remove(sink)

@@ -16,14 +16,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from .datasets import Pair
-from .objectives import (
-    embed_all,
-    next_token_logits,
-    pair_batches,
-    position_kl,
-    token_nll,
-)
+from .encoding import embed_all
+from .losses import next_token_logits, position_kl, token_nll
 from .stats import Stat, flip_stat, mean_stat, value
+from .tokenization import pair_batches
 
 
 @dataclass

@@ -23,7 +23,8 @@ from loguru import logger
 from torch import Tensor, nn
 
 from .datasets import DataBundle
-from .objectives import pair_batches
+from .encoding import encoder_inputs
+from .tokenization import pair_batches
 
 KINDS = ("vector", "random")
 PLACES = ("out", "mid")
@@ -81,16 +82,8 @@ class SteeringVector:
 
 
 def _encoder_batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device):
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[i : i + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        mask = enc["attention_mask"]
-        yield {"input_ids": enc["input_ids"], "attention_mask": mask}, mask
+    for inputs in encoder_inputs(tokenizer, texts, max_length, batch_size, device):
+        yield inputs, inputs["attention_mask"]
 
 
 def _causal_batches(tokenizer, pairs, side: str, max_length: int, batch_size: int, device):

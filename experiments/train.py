@@ -29,7 +29,8 @@ from .build import (
     set_threads,
 )
 from .config import validate
-from .evaluate import CONF_DIR, evaluate
+from .evaluate import evaluate
+from .paths import CONF_DIR
 from .plots import plot
 from .report import format_frontier, format_table, write_json
 from .trainer import FitState, fit, make_optimizer, make_scheduler

@@ -180,7 +180,7 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if cfg.log_every and state.step % cfg.log_every == 0:
-                parts = " ".join(f"{k}={float(v):.4f}" for k, v in terms.items())
+                parts = " ".join(f"{k}={v.detach().item():.4f}" for k, v in terms.items())
                 logger.info(
                     "step {}/{} loss={:.4f} {} lr={:.2e}",
                     state.step,

@@ -111,23 +111,41 @@ def in_band(name: str, blocks: BlockList | None, layer_range: LayerRange) -> boo
     return index in resolve_layer_range(layer_range, size)
 
 
-def resolve_layer_range(layer_range: LayerRange, n_blocks: int) -> range:
-    """Turn ``layer_range`` into block indices.
-
-    Two ints are absolute indices ``[lo, hi)``; floats are fractions of the depth, block ``i``
-    kept when ``round(lo * n) <= i < round(hi * n)``. ``(0.2, 0.8)`` on 6 blocks keeps 1..4.
-    """
+def _bounds(layer_range: LayerRange) -> tuple[Real, Real]:
+    """``(lo, hi)`` as two ints (block indices) or two floats (fractions within [0, 1])."""
     if len(layer_range) != 2:
         raise ValueError(f"layer_range must be (lo, hi), got {layer_range!r}")
     lo, hi = (scalar(v) for v in layer_range)  # NumPy scalars, 0-d tensors: their numbers
     if not all(isinstance(v, Real) and not isinstance(v, bool) for v in (lo, hi)):
         raise TypeError(f"layer_range must hold numbers, got {layer_range!r}")
     if isinstance(lo, Integral) and isinstance(hi, Integral):
+        return lo, hi
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
+        raise ValueError(f"fractional layer_range must lie in [0, 1], got {layer_range!r}")
+    return lo, hi
+
+
+def check_layer_range(layer_range: Sequence) -> None:
+    """Check ``layer_range`` as far as that is possible without a model: two numbers, fractions
+    within [0, 1], and ``0 <= lo < hi`` (otherwise the band is empty at every depth)."""
+    lo, hi = _bounds(layer_range)
+    if not 0 <= lo < hi:
+        raise ValueError(
+            f"layer_range={layer_range!r} selects no block at any depth: it needs 0 <= lo < hi"
+        )
+
+
+def resolve_layer_range(layer_range: LayerRange, n_blocks: int) -> range:
+    """Turn ``layer_range`` into block indices.
+
+    Two ints are absolute indices ``[lo, hi)``; floats are fractions of the depth, block ``i``
+    kept when ``round(lo * n) <= i < round(hi * n)``. ``(0.2, 0.8)`` on 6 blocks keeps 1..4.
+    """
+    lo, hi = _bounds(layer_range)
+    if isinstance(lo, Integral):
         start, stop = lo, hi
     else:
-        lo, hi = float(lo), float(hi)
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
-            raise ValueError(f"fractional layer_range must lie in [0, 1], got {layer_range!r}")
         start, stop = round(lo * n_blocks), round(hi * n_blocks)
     if not 0 <= start < stop <= n_blocks:
         raise ValueError(

@@ -30,6 +30,21 @@ def _load(folder):
     return data, md
 
 
+def test_plain_run_writes_a_new_run_folder_and_update_the_committed_tables(
+    tmp_path, keep_threads, monkeypatch
+):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    bench.main(["--smoke", "--only", "pissa_svd"])
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and {p.name for p in runs[0].iterdir()} == {"latest.json", "latest.md"}
+    assert not (tmp_path / "latest.md").exists(), "a plain run must not touch the committed tables"
+    bench.main(["--smoke", "--only", "pissa_svd", "--update"])
+    assert _load(tmp_path)[0]["settings"]["mode"] == "smoke"
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    with pytest.raises(SystemExit):  # one destination: --out and --update exclude each other
+        bench.main(["--smoke", "--only", "pissa_svd", "--update", "--out", str(tmp_path)])
+
+
 def test_smoke_run_writes_json_and_markdown(tmp_path, keep_threads):
     bench.main(["--smoke", "--only", ",".join(FAST), "--out", str(tmp_path)])
     data, md = _load(tmp_path)

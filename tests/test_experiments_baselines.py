@@ -7,8 +7,8 @@ from jaxtyping import install_import_hook
 with install_import_hook("experiments", "beartype.beartype"):
     from experiments.datasets import DataBundle, Pair
     from experiments.models import tiny_bert, tiny_llama
-    from experiments.objectives import pair_batches
     from experiments.steering import SteeringVector, block_list, build_baselines
+    from experiments.tokenization import pair_batches
 
 
 @pytest.fixture(scope="module")

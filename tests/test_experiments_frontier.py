@@ -14,10 +14,10 @@ with install_import_hook("experiments", "beartype.beartype"):
     from experiments.build import build_meters
     from experiments.calibrate import calibrate
     from experiments.config import validate
-    from experiments.evaluate import CONF_DIR
     from experiments.frontier import frontier, search
     from experiments.metrics import EncoderMeter
     from experiments.models import tiny_bert
+    from experiments.paths import CONF_DIR
     from experiments.stats import bootstrap, flip_stat, mean_stat, ratio_interval, value
     from experiments.steering import SteeringVector, block_list
     from experiments.train import run

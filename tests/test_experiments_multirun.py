@@ -19,7 +19,7 @@ def test_joblib_multirun_writes_one_folder_per_job_and_a_summary(tmp_path):
         "-m",
         "experiments.train",
         "-m",
-        "hydra/launcher=joblib",
+        "hydra/launcher=local",
         "adapter.r=2,4",
         "model=tiny_bert",
         "train=smoke",

@@ -7,15 +7,12 @@ import torch
 from jaxtyping import install_import_hook
 
 with install_import_hook("experiments", "beartype.beartype"):
+    from experiments.datasets import Pair
+    from experiments.encoding import mean_pool
+    from experiments.losses import aggregate_positions, position_kl, soft_nll
     from experiments.metrics import fit_probe, spearman
     from experiments.models import ByteTokenizer
-    from experiments.objectives import (
-        aggregate_positions,
-        mean_pool,
-        position_kl,
-        soft_nll,
-        tokenize_completions,
-    )
+    from experiments.tokenization import pair_batches, tokenize_completions
     from experiments.trainer import make_scheduler, pcgrad
 
 
@@ -69,6 +66,29 @@ def test_tokenize_completions_masks_the_completion_and_pads_right():
     assert batch.completion.tolist() == [[False, False, True], [True, True, True]]
     long = tokenize_completions(tok, ["abcdef"], ["xy"], max_length=4)
     assert long.ids.tolist() == [[101, 102, 120, 121]]  # the prompt is cut from the left
+
+
+def test_pair_batches_tokenise_each_row_once_and_pad_both_sides_to_one_length():
+    class CountingTokenizer(ByteTokenizer):
+        calls = 0
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            CountingTokenizer.calls += 1
+            return super().encode(text, add_special_tokens)
+
+    tok = CountingTokenizer()
+    pairs = [Pair("ab", "c", "xyz"), Pair("", "hello", "no")]
+    cho, rej = pair_batches(tok, pairs, max_length=16)
+    # "ab" once per side ("" is not encoded) + 4 completions; tokenising twice would be 12
+    assert CountingTokenizer.calls == 6
+    pad = tok.pad_token_id
+    assert cho.ids.tolist() == [[97, 98, 99, pad, pad], [104, 101, 108, 108, 111]]
+    assert rej.ids.tolist() == [[97, 98, 120, 121, 122], [110, 111, pad, pad, pad]]
+    assert cho.attention.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert rej.completion.tolist() == [
+        [False, False, True, True, True],
+        [True, True, False, False, False],
+    ]
 
 
 def test_pcgrad_projects_only_conflicting_gradients():

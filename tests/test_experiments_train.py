@@ -16,7 +16,8 @@ import modlora as ml
 # the experiments' tensor signatures are checked at run time, like modlora's
 with install_import_hook("experiments", "beartype.beartype"):
     from experiments.config import ConfigError
-    from experiments.evaluate import CONF_DIR, reevaluate
+    from experiments.evaluate import reevaluate
+    from experiments.paths import CONF_DIR
     from experiments.train import run
 
 FAST_EVAL = [
@@ -164,9 +165,15 @@ def test_saved_adapter_reloads_and_reproduces_the_logged_metrics(tmp_path):
     assert again["frontier"].keys() == metrics["frontier"].keys()
     assert again["deployed_c"] == metrics["calibrated_c"]
 
-    # the command-line form: python -m experiments.evaluate adapter=PATH
+    # the command-line form: python -m experiments.evaluate checkpoint=PATH
     out = tmp_path / "evaluate"
-    cmd = [sys.executable, "-m", "experiments.evaluate", f"adapter={path}", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        f"checkpoint={path}",
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(CONF_DIR).parent)}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

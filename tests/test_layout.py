@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import modlora as ml
+from modlora.blocks import check_layer_range
 from tests import tiny
 
 
@@ -118,6 +119,26 @@ def test_pattern_matching_nothing_raises_and_names_it(llama):
 def test_bad_layer_range_raises(llama, layer_range, match):
     with pytest.raises(ValueError, match=match):
         ml.find_targets(llama, layer_range=layer_range)
+
+
+@pytest.mark.parametrize(
+    ("layer_range", "match"),
+    [
+        ((0.8, 0.2), "no block at any depth"),
+        ((0.5, 0.5), "no block at any depth"),
+        ((2, 2), "no block at any depth"),
+        ((-1, 2), "no block at any depth"),
+        ((0.2, 1.5), r"\[0, 1\]"),
+    ],
+)
+def test_check_layer_range_refuses_what_is_empty_at_every_depth(layer_range, match):
+    with pytest.raises(ValueError, match=match):
+        check_layer_range(layer_range)
+
+
+@pytest.mark.parametrize("layer_range", [(0.2, 0.8), (0.0, 1.0), (0, 1), (3, 9)])
+def test_check_layer_range_accepts_what_some_depth_can_hold(layer_range):
+    assert check_layer_range(layer_range) is None  # (3, 9) fails later only on a shallower model
 
 
 def test_layer_range_without_blocks_raises():
