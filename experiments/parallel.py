@@ -100,9 +100,14 @@ def start() -> distributed.ProcessInfo:
     return distributed.setup()
 
 
+def running() -> bool:
+    """A process group is running in this process."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def finish() -> None:
     """Close the process group (when one is running)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if running():
         torch.distributed.destroy_process_group()
 
 

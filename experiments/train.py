@@ -277,7 +277,8 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    info = parallel.start()  # torchrun / SLURM tasks: the process group; alone: nothing
+    started_here = not parallel.running()  # (under torchrun it runs already: see __main__)
+    info = parallel.start()  # SLURM tasks: the process group from SLURM's variables; alone: nothing
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         sink = logger.add(run_dir / "train.log", level="INFO", enqueue=False)
@@ -288,10 +289,14 @@ def main(cfg) -> float:
         metrics = run(cfg, run_dir)
     finally:
         logger.remove(sink)
-        parallel.finish()
+        if started_here:  # a submitit task runs one job; torchrun may run a local sweep's jobs
+            parallel.finish()
     return metrics["train"]["best_val"]  # what a Hydra sweeper may minimise: the validation loss
 
 
 if __name__ == "__main__":
     parallel.freeze_hydra_clock()  # several processes: one ${now:} and so one run folder
-    sys.exit(main())
+    try:
+        main()
+    finally:
+        parallel.finish()
