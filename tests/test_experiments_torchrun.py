@@ -1,5 +1,7 @@
-"""``torchrun --nproc_per_node=2 -m experiments.train`` on 2 CPU processes (gloo): one run folder,
-written by rank 0, whose adapter is the single-process run's with the same global batch and seed.
+"""``torchrun --nproc_per_node=2 -m experiments.train`` on 2 CPU processes (gloo) with DDP, and the
+same run as two SLURM tasks with FSDP2 (SLURM's variables set as srun sets them, no SLURM needed):
+one run folder, written by rank 0, whose adapter is the single-process run's with the same global
+batch and seed.
 """
 
 import os
@@ -54,33 +56,61 @@ def single_process(tmp_path_factory) -> Path:
     return out / "adapter.safetensors"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_torchrun_writes_one_run_folder_with_the_single_process_adapter(
-    tmp_path, single_process, strategy
-):
-    extra = ["train.save_state=false"] if strategy == "fsdp2" else []  # (refused under FSDP2)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "experiments.train",
-        *OVERRIDES,
-        f"distributed.strategy={strategy}",
-        *extra,
-    ]
-    env = {
-        **os.environ,
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    return {
+        **env,
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(Path(CONF_DIR).parent),  # this checkout, not another install
         "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU even where a GPU is present
+        **extra,
     }
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(cwd: Path, args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={_free_port()}", "-m", "experiments.train", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _srun(cwd: Path, args: list[str]) -> None:
+    """Two tasks of a SLURM job step as srun starts them: SLURM's variables, not torchrun's."""
+    port = _free_port()
+    job = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}
+    job |= {"SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost"}
+    if 20000 <= port < 40000:  # a job id whose derived port (20000 + id mod 20000) is free
+        job["SLURM_JOB_ID"] = str(port)
+    else:
+        job["MASTER_PORT"] = str(port)
+    cmd = [sys.executable, "-m", "experiments.train", *args]
+    tasks = [
+        subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=_env(**job, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for task in tasks:
+        _, err = task.communicate(timeout=300)
+        assert task.returncode == 0, err[-4000:]
+
+
+@pytest.mark.slow
+# each launcher and each strategy once (a run costs ~20 s, mostly two processes starting up)
+@pytest.mark.parametrize(
+    "launch,strategy", [(_torchrun, "ddp"), (_srun, "fsdp2")], ids=["torchrun-ddp", "srun-fsdp2"]
+)
+def test_two_processes_write_one_run_folder_with_the_single_process_adapter(
+    tmp_path, single_process, launch, strategy
+):
+    extra = ["train.save_state=false"] if strategy == "fsdp2" else []  # (refused under FSDP2)
+    launch(tmp_path, [*OVERRIDES, f"distributed.strategy={strategy}", *extra])
 
     # every rank resolved ${now:} to rank 0's start time: one folder, not one per rank
     folders = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
