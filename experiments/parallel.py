@@ -25,6 +25,7 @@ the SLURM task's (``srun`` / submitit with ``tasks_per_node`` > 1).
 
 import os
 import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -59,7 +60,7 @@ def first_host(nodelist: str) -> str:
     return host
 
 
-def torch_env_from_slurm(env: dict) -> dict:
+def torch_env_from_slurm(env: Mapping[str, str]) -> dict:
     """``torchrun``'s variables for a SLURM task, or ``{}`` when there is nothing to translate.
 
     Nothing is translated when ``WORLD_SIZE`` is already set (``torchrun`` inside an allocation
@@ -88,7 +89,7 @@ def torch_env_from_slurm(env: dict) -> dict:
     }
 
 
-def world_size_from_env(env=os.environ) -> int:
+def world_size_from_env(env: Mapping[str, str] = os.environ) -> int:
     """How many processes the environment says this run has (``torchrun`` or SLURM)."""
     return int(env.get("WORLD_SIZE") or torch_env_from_slurm(env).get("WORLD_SIZE", 1))
 
