@@ -4,6 +4,10 @@ Writes into the Hydra run folder: ``adapter.safetensors`` (the config, metrics a
 ``c`` in its metadata), ``metrics.json``, ``plot.png`` (trait score and coherence against ``c``),
 ``train.log`` (loguru) and, with ``train.save_state``, ``state/`` to resume from. Prints the
 metrics table. Every config value is checked before anything heavy is loaded.
+
+``torchrun --nproc_per_node=N -m experiments.train ...`` (or N SLURM tasks) trains with DDP or
+FSDP2 (``distributed.strategy``) on slices of the same global batch (see
+:mod:`experiments.parallel`); rank 0 alone evaluates and writes the run folder.
 """
 
 import math
@@ -17,7 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from loguru import logger
 
 import modlora as ml
+from modlora import distributed
 
+from . import parallel
 from . import resume as resume_mod
 from .build import (
     build_adapter,
@@ -43,7 +49,8 @@ def _schedule(cfg, objective):
 
 
 def train_one(cfg, model, tokenizer, data, run_dir: Path, history=None, fork: bool = True) -> tuple:
-    """Build and train one adapter (resuming or forking when the config says so)."""
+    """Build and train one adapter (resuming or forking when the config says so); with several
+    processes the model is wrapped (DDP / FSDP2) for the training loop only."""
     if fork and cfg.train.init_from is not None:
         adapter = resume_mod.fork(cfg.train.init_from, model, cfg.adapter.kind)
         logger.info("forked the weights of {} (fresh optimizer and schedule)", cfg.train.init_from)
@@ -51,6 +58,10 @@ def train_one(cfg, model, tokenizer, data, run_dir: Path, history=None, fork: bo
         adapter = build_adapter(cfg, model, tokenizer, data)
     objective = build_objective(cfg, model, tokenizer, adapter, data, history)
     total, warmup = _schedule(cfg, objective)
+    rank, world = distributed.process_rank(), distributed.process_group_size()
+    strategy = cfg.distributed.strategy
+    if world > 1:  # before the optimizer: fully_shard replaces the parameters by shards
+        parallel.wrap(objective, adapter, model, strategy)
     optimizer = make_optimizer(
         [p for p in adapter.parameters()], cfg.train.lr, cfg.train.weight_decay
     )
@@ -60,15 +71,27 @@ def train_one(cfg, model, tokenizer, data, run_dir: Path, history=None, fork: bo
         state, best = resume_mod.resume(cfg.train.resume_from, adapter, optimizer, scheduler)
         logger.info("resumed from {} at step {}", cfg.train.resume_from, state.step)
     on_epoch_end = None
-    if cfg.train.save_state:
+    if cfg.train.save_state and rank == 0:  # (under DDP the tensors are whole on rank 0)
         state_dir = run_dir / "state"
 
         def on_epoch_end(s: FitState, best_weights: dict) -> None:
             resume_mod.save(state_dir, adapter, optimizer, scheduler, s, best_weights)
 
     state, _ = fit(
-        adapter, objective, optimizer, scheduler, cfg.train, cfg.seed, state, on_epoch_end, best
+        adapter,
+        objective,
+        optimizer,
+        scheduler,
+        cfg.train,
+        cfg.seed,
+        state,
+        on_epoch_end,
+        best,
+        rank=rank,
+        world=world,
     )
+    if world > 1:
+        parallel.unwrap(objective, adapter, model, strategy)
     return adapter, state
 
 
@@ -111,11 +134,28 @@ def _calibration_note(calibration: dict) -> str:
     return f"calibrated c = {calibration['c']:.3f} on the {calibration['split']} split{note}"
 
 
+def _train_summary(state: FitState) -> dict:
+    return {
+        "steps": state.step,
+        "first_loss": state.losses[0] if state.losses else None,
+        "last_loss": state.losses[-1] if state.losses else None,
+        "best_val": state.best_val,
+        "stopped_early": state.stopped_early,
+        "epochs": state.history,
+        "losses": state.losses,
+    }
+
+
 def run(cfg, run_dir: Path) -> dict:
-    """Everything ``python -m experiments.train`` does, into ``run_dir``; returns the metrics."""
+    """Everything ``python -m experiments.train`` does, into ``run_dir``; returns the metrics
+    (on ranks other than 0 of a multi-process run: only the ``train`` section)."""
     start = time.time()
     data = validate(cfg)  # every bad value fails here, before anything heavy
-    run_dir.mkdir(parents=True, exist_ok=True)
+    info = parallel.start()  # one process: nothing started
+    parallel.check(cfg, info.world_size)
+    parallel.pick_device(cfg, info)
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     try:
         set_threads(cfg.threads)
@@ -138,12 +178,23 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
         len(data.val),
         len(data.heldout),
     )
+    world = distributed.process_group_size()
+    parallel.log_batches(cfg, world, cfg.distributed.strategy)
     model, tokenizer = load_model(cfg)
     t_loaded = time.time()
     if cfg.objective.name == "heal":
         adapter, state, kept_rounds = train_heal_rounds(cfg, model, tokenizer, data, run_dir)
     else:
         (adapter, state), kept_rounds = train_one(cfg, model, tokenizer, data, run_dir), None
+    if world > 1 and cfg.distributed.strategy == "fsdp2":
+        # the trained shards, gathered into one file by every rank; rank 0 evaluates them on
+        # a freshly loaded whole model (the file is rewritten below with the metrics)
+        path = adapter.save(run_dir / "adapter.safetensors")
+        if distributed.is_main_process():
+            model, tokenizer = load_model(cfg)
+            adapter = ml.load_adapter(model, path)
+    if not distributed.is_main_process():
+        return {"train": _train_summary(state)}  # rank 0 evaluates and writes alone
     t_trained = time.time()
     meters = build_meters(cfg, model, tokenizer, data)
     methods = build_methods(cfg, model, tokenizer, data, adapter)
@@ -173,15 +224,7 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
         "probe_accuracy": result.get("probe_accuracy"),
         "n_items": {k: len(m) for k, m in meters.items() if hasattr(m, "__len__")},
         "kept_rounds": kept_rounds,
-        "train": {
-            "steps": state.step,
-            "first_loss": state.losses[0] if state.losses else None,
-            "last_loss": state.losses[-1] if state.losses else None,
-            "best_val": state.best_val,
-            "stopped_early": state.stopped_early,
-            "epochs": state.history,
-            "losses": state.losses,
-        },
+        "train": _train_summary(state),
         "seconds": {
             "load": t_loaded - start,
             "train": t_trained - t_loaded,
@@ -235,14 +278,26 @@ def _run(cfg, run_dir: Path, data, start: float) -> dict:
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    sink = logger.add(run_dir / "train.log", level="INFO", enqueue=False)
+    started_here = not parallel.running()  # (under torchrun it runs already: see __main__)
+    info = parallel.start()  # SLURM tasks: the process group from SLURM's variables; alone: nothing
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sink = logger.add(run_dir / "train.log", level="INFO", enqueue=False)
+    else:  # the other ranks run the same loop: their warnings only
+        logger.remove()
+        sink = logger.add(sys.stderr, level="WARNING")
     try:
         metrics = run(cfg, run_dir)
     finally:
         logger.remove(sink)
+        if started_here:  # a submitit task runs one job; torchrun may run a local sweep's jobs
+            parallel.finish()
     return metrics["train"]["best_val"]  # what a Hydra sweeper may minimise: the validation loss
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parallel.freeze_hydra_clock()  # several processes: one ${now:} and so one run folder
+    try:
+        main()
+    finally:
+        parallel.finish()

@@ -6,6 +6,10 @@ on it (the best weights are restored at the end), tqdm progress bars and loguru 
 
 The data order of epoch ``e`` comes from a generator seeded with ``seed + e``, so a run resumed
 at step ``s`` replays exactly the batches the uninterrupted run would have seen.
+
+With several processes (``world > 1``) every rank draws the same global batch and trains on its
+slice (:func:`experiments.parallel.shard`); DDP / FSDP2 average the gradients, and the logged and
+validation losses are averaged over ranks so that every rank takes the same decisions.
 """
 
 import math
@@ -17,6 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 from tqdm.auto import tqdm
+
+from modlora.distributed import mean_over_ranks
+
+from .parallel import shard
 
 BETAS = (0.9, 0.95)
 
@@ -103,15 +111,36 @@ def backward(terms: dict[str, torch.Tensor], params: list, pcgrad_terms: tuple[s
 
 
 @torch.no_grad()
-def validation_loss(objective, batch_size: int) -> float:
-    """Mean total loss over the validation split (no gradients, fixed order)."""
+def validation_loss(objective, batch_size: int, rank: int = 0, world: int = 1) -> float:
+    """Mean total loss over the validation split (no gradients, fixed order); with several
+    ranks each takes its slice of every batch and the sums are added up over ranks."""
     total, count = 0.0, 0
     for batch in objective.batches("val", batch_size, None):
-        terms = objective.terms(batch, "val")
         n = len(batch)
-        total += float(sum(terms.values())) * n
+        if world > 1:
+            rows, weight = shard(batch, rank, world)
+            terms = objective.terms(rows, "val")  # means over this rank's rows
+            total += float(sum(terms.values())) * (len(rows) if weight else 0)  # their sum
+        else:
+            terms = objective.terms(batch, "val")
+            total += float(sum(terms.values())) * n
         count += n
+    if world > 1:
+        total = mean_over_ranks(total) * world
     return total / max(1, count)
+
+
+def _terms(objective, batch, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The loss terms of a global batch: this rank's slice, weighted (see :func:`shard`)."""
+    if world == 1:
+        return objective.terms(batch, "train")
+    rows, weight = shard(batch, rank, world)
+    return {k: v * weight for k, v in objective.terms(rows, "train").items()}
+
+
+def _global(value: float, world: int) -> float:
+    """A weighted per-rank loss as the loss of the whole batch (the mean over ranks)."""
+    return value if world == 1 else mean_over_ranks(value)
 
 
 def fit(
@@ -124,6 +153,8 @@ def fit(
     state: FitState | None = None,
     on_epoch_end: Callable[[FitState], None] | None = None,
     best_weights: dict | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[FitState, dict]:
     """Train ``adapter`` on ``objective`` until ``cfg.max_steps``, ``cfg.epochs`` or early stop.
 
@@ -137,6 +168,8 @@ def fit(
         state: where a resumed run stands (``None``: a fresh run).
         on_epoch_end: called after every epoch's validation (e.g. to save the training state).
         best_weights: the best adapter weights so far (a resumed run's).
+        rank, world: this process's rank and the number of processes; with ``world > 1`` the
+            objective calls the DDP / FSDP2-wrapped model and each batch is sliced over ranks.
 
     Returns:
         ``(state, best_weights)``; the adapter holds the best weights when it returns.
@@ -161,8 +194,8 @@ def fit(
                 continue
             if state.step >= total:
                 break
-            terms = objective.terms(batch, "train")
-            loss = float(sum(v.detach() for v in terms.values()))
+            terms = _terms(objective, batch, rank, world)
+            loss = _global(float(sum(v.detach() for v in terms.values())), world)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss} at step {state.step}: lower train.lr"
@@ -175,12 +208,13 @@ def fit(
             state.step += 1
             state.losses.append(loss)
             n_steps += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            values = {k: _global(float(v.detach()), world) for k, v in terms.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if cfg.log_every and state.step % cfg.log_every == 0:
-                parts = " ".join(f"{k}={v.detach().item():.4f}" for k, v in terms.items())
+                parts = " ".join(f"{k}={v:.4f}" for k, v in values.items())
                 logger.info(
                     "step {}/{} loss={:.4f} {} lr={:.2e}",
                     state.step,
@@ -192,7 +226,7 @@ def fit(
         if n_steps == 0:
             break
         adapter.eval()
-        val = validation_loss(objective, cfg.batch_size)
+        val = validation_loss(objective, cfg.batch_size, rank, world)
         adapter.train()
         record = {
             "epoch": epoch + 1,
