@@ -143,6 +143,12 @@ def _global(value: float, world: int) -> float:
     return value if world == 1 else mean_over_ranks(value)
 
 
+def _snapshot(adapter) -> dict[str, torch.Tensor]:
+    """The adapter's weights now, as copies: ``state_dict()`` alone returns the live tensors,
+    which the optimizer keeps changing in place."""
+    return {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+
+
 def fit(
     adapter,
     objective,
@@ -178,7 +184,7 @@ def fit(
     params = [p for p in adapter.parameters() if p.requires_grad]
     per_epoch = objective.n_batches("train", cfg.batch_size)
     total = min(cfg.max_steps, cfg.epochs * per_epoch)
-    best = best_weights if best_weights is not None else adapter.state_dict()
+    best = best_weights if best_weights is not None else _snapshot(adapter)
     progress = cfg.progress and sys.stderr.isatty()
     bar = tqdm(total=total, initial=state.step, desc="train", disable=not progress, leave=False)
     adapter.train()
@@ -239,7 +245,7 @@ def fit(
         state.history.append(record)
         if val < state.best_val - cfg.min_delta:
             state.best_val, state.best_step, state.bad_epochs = val, state.step, 0
-            best = adapter.state_dict()
+            best = _snapshot(adapter)
         else:
             state.bad_epochs += 1
             if state.bad_epochs >= cfg.patience:
