@@ -3,6 +3,7 @@ import torch
 
 import modlora as ml
 from tests import tiny
+from tests.helpers import logits
 
 
 def _lora(model, seed, **kw):
@@ -17,16 +18,11 @@ def _pissa(model, **kw):
     return pissa
 
 
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_history_equals_the_sum_of_its_rounds(arch):
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens()
-    base = _logits(model, x)
+    base = logits(model, x)
     r1 = _lora(model, 1, r=4, alpha=8, layer_range=(0.0, 0.5))
     r2 = _lora(model, 2, r=2, alpha=1, layer_range=(0.25, 1.0))
     r3 = _pissa(model, r=3)
@@ -34,12 +30,12 @@ def test_history_equals_the_sum_of_its_rounds(arch):
     # Reference: every round attached at once with its own c (hooks add up).
     for adapter, c in rounds:
         adapter.attach(model, c)
-    summed = _logits(model, x)
+    summed = logits(model, x)
     for adapter, _ in rounds:
         adapter.detach()
     hist = ml.HistoryBake(model, rounds)
     assert hist.attached
-    torch.testing.assert_close(_logits(model, x), summed)
+    torch.testing.assert_close(logits(model, x), summed)
     # Exact factor concatenation: B_cat @ A_cat is the sum of the rounds' deltas.
     name = next(n for n in hist.layout.names if n in r1.layout and n in r2.layout)
     a, b = hist.delta_factors(1.0)[name]
@@ -47,7 +43,7 @@ def test_history_equals_the_sum_of_its_rounds(arch):
     torch.testing.assert_close(b @ a, expected)
     assert a.shape[0] == 4 + 2 + 3 == hist.ranks()[name]
     hist.remove()
-    assert torch.equal(_logits(model, x), base)
+    assert torch.equal(logits(model, x), base)
 
 
 def test_one_hook_per_target(llama):
@@ -60,18 +56,18 @@ def test_one_hook_per_target(llama):
 
 def test_gate_and_enabled_switch(llama):
     x = tiny.tokens()
-    base = _logits(llama, x)
+    base = logits(llama, x)
     state = {"on": True}
     hist = ml.HistoryBake(llama, [(_lora(llama, 1, r=2), 1.0)], gate=lambda: state["on"])
-    on = _logits(llama, x)
+    on = logits(llama, x)
     assert not torch.equal(on, base)
     state["on"] = False
-    assert torch.equal(_logits(llama, x), base)
+    assert torch.equal(logits(llama, x), base)
     state["on"] = True
     hist.enabled = False
-    assert torch.equal(_logits(llama, x), base)
+    assert torch.equal(logits(llama, x), base)
     hist.enabled = True
-    assert torch.equal(_logits(llama, x), on)
+    assert torch.equal(logits(llama, x), on)
     hist.remove()
 
 
