@@ -17,7 +17,7 @@ from modlora import digest as ckpt_digest
 from modlora.checkpoint import CheckpointError, load_adapter, read_metadata, weight_fingerprint
 from tests import tiny
 from tests.checkpoint_files import rewrite, sealed
-from tests.helpers import assert_same_state, model_state
+from tests.helpers import add_deltas, assert_same_state, hand_delta, logits, model_state
 from tests.legacy_format import (
     flat,
     lora_factors,
@@ -457,11 +457,32 @@ def test_loading_a_history_twice(llama, tmp_path):
 
 
 def test_two_models_do_not_interfere(pissa_file):
-    a, b = tiny.llama(), tiny.llama()
+    """The same file attached to two models: each gets its delta once, and each its own."""
+    x = tiny.tokens()
+    a, b = tiny.llama(), tiny.llama()  # the same base weights the file was made on
+    base = logits(a, x)
+    # Reference from the file's raw tensors, without modlora's loader: W + U diag(delta_s) Vh.
+    stored = safetensors.torch.load_file(str(pissa_file))
+    names = {key.rsplit(".", 1)[0] for key in stored}
+    roles = ("U", "delta_s", "Vh")
+    deltas = {n: hand_delta("pissa", {r: stored[f"{n}.{r}"] for r in roles}, 1.0) for n in names}
+    reference = tiny.llama()
+    add_deltas(reference, deltas)
+    expected = logits(reference, x)
+    assert not torch.allclose(expected, base)
+
     first = load_adapter(a, pissa_file)
-    first.attach(a)
-    load_adapter(b, pissa_file).attach(b)  # another model: no conflict
+    first.attach(a, c=1.0)
+    second = load_adapter(b, pissa_file)  # another model: no conflict with a's copy
+    second.attach(b, c=1.0)
+    torch.testing.assert_close(logits(a, x), expected)
+    torch.testing.assert_close(logits(b, x), expected)
     first.detach()
+    assert torch.equal(logits(a, x), base)
+    torch.testing.assert_close(logits(b, x), expected)  # b's adapter is its own
+    second.detach()
+    assert torch.equal(logits(b, x), base)
+    assert not ml.find_adapters(a) and not ml.find_adapters(b)
 
 
 # ---------------------------------------------------------------------------- legacy files
