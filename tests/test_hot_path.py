@@ -87,8 +87,8 @@ def test_an_earlier_user_hook_keeps_the_base_output(llama):
     early.remove()
     with torch.no_grad():
         base = layer(seen["x"])
-        a, b = lora.delta_factors(1.0)[name]
-        adapted = base + seen["x"] @ a.T @ b.T
+        part = lora.part(name)  # c = 1, alpha / r = 8 / 4
+        adapted = base + 1.0 * (8 / 4) * (seen["x"] @ part.lora_A.T) @ part.lora_B.T
     assert torch.equal(seen["early"], base)  # the early hook still holds the base output
     torch.testing.assert_close(seen["late"], adapted)  # a later hook sees the adapted one
 

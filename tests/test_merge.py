@@ -8,7 +8,15 @@ from torch import nn
 
 import modlora as ml
 from tests import tiny
-from tests.helpers import logits, same_weights, signed_pissa, two_round_history, weights
+from tests.helpers import (
+    adapter_deltas,
+    hand_merged,
+    logits,
+    same_weights,
+    signed_pissa,
+    two_round_history,
+    weights,
+)
 
 merge_mod = importlib.import_module("modlora.merge")  # `modlora.merge` is also the function
 
@@ -23,6 +31,7 @@ def test_merge_matches_hooks_and_unmerge_is_exact(arch, kind):
     x = tiny.tokens()
     adapter = KINDS[kind](model)
     before = weights(model)
+    expected = hand_merged(model, [(adapter, -1.5)]).state_dict()
     with adapter(model, c=-1.5):
         hooked = logits(model, x)
     assert not torch.equal(hooked, logits(model, x))  # the delta is visible
@@ -34,6 +43,9 @@ def test_merge_matches_hooks_and_unmerge_is_exact(arch, kind):
     assert report.targets == tuple(adapter.layout.names)
     assert report.worst_rel_error < 1e-4 and report.below_resolution == ()
     torch.testing.assert_close(logits(model, x), hooked)
+    # The merged weights themselves: W + ΔW(c), the delta written out from the raw tensors.
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
     ml.unmerge(model, adapter)
     assert same_weights(model, before)
 
@@ -136,9 +148,9 @@ def test_bf16_merge_accumulates_in_fp32_and_rounds_once():
     lora = tiny.signed_lora(model, std=0.02)
     name = lora.layout.names[0]
     w = lora.layout[name].module.weight.detach().clone()
-    a, b = lora.delta_factors(1.0)[name]
-    truth = w.float() + b @ a
-    naive = w + (b @ a).to(torch.bfloat16)  # a bf16 add of a bf16 delta: two roundings
+    delta = adapter_deltas(lora, 1.0)[name].float()  # c · alpha/r · B @ A, by hand
+    truth = w.float() + delta
+    naive = w + delta.to(torch.bfloat16)  # a bf16 add of a bf16 delta: two roundings
     report = ml.merge(model, lora, 1.0)
     merged = lora.layout[name].module.weight.detach()
     ours_err, naive_err = (merged.float() - truth).abs(), (naive.float() - truth).abs()
