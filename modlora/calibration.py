@@ -107,10 +107,6 @@ class Calibration:
 
     stats: dict[str, dict[str, RunningStats]]
 
-    @property
-    def splits(self) -> set[str]:
-        return {split for per in self.stats.values() for split, s in per.items() if s.count}
-
     def tokens(self, split: str = "all") -> int:
         """Rows seen per target for ``split`` (the same for every target)."""
         counts = {s[split].count for s in self.stats.values() if split in s}
