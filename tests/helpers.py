@@ -36,6 +36,14 @@ def logits(model: nn.Module, x: Tensor | None = None, adapter=None, c=1.0) -> Te
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def assert_each_row_alone(model: nn.Module, adapter, x: Tensor, cs: Tensor) -> None:
+    """With one coefficient per sample, row ``i`` of the output is sample ``i`` run alone at the
+    scalar ``cs[i]``."""
+    batched = logits(model, x, adapter, c=cs)
+    for i, c in enumerate(cs.tolist()):
+        torch.testing.assert_close(batched[i : i + 1], logits(model, x[i : i + 1], adapter, c=c))
+
+
 def weights(model: nn.Module) -> dict[str, Tensor]:
     """A copy of the model's ``state_dict``."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import modlora as ml
 from tests import tiny
-from tests.helpers import hand_merged, logits, same_weights, weights
+from tests.helpers import assert_each_row_alone, hand_merged, logits, same_weights, weights
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -79,11 +79,7 @@ def test_per_sample_c_equals_each_row_alone(arch):
     x = tiny.tokens(batch=3)
     lora = tiny.signed_lora(model)
     cs = torch.tensor([1.0, -2.0, 0.0])
-    with lora(model, c=cs):
-        batched = logits(model, x)
-    for i, c in enumerate(cs.tolist()):
-        with lora(model, c=c):
-            torch.testing.assert_close(batched[i : i + 1], logits(model, x[i : i + 1]))
+    assert_each_row_alone(model, lora, x, cs)
 
 
 def test_base_frozen_adapter_trainable_and_on_layer_device(llama):

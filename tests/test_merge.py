@@ -273,44 +273,39 @@ def test_tied_weight_is_refused(gpt2):
     assert same_weights(gpt2, before)
 
 
-def test_quantized_layer_is_refused_before_anything_changes(llama):
-    lora = tiny.signed_lora(llama)
+def _quantized(llama, lora):
     name = lora.layout.names[-1]
     module = lora.layout[name].module
     module.weight = nn.Parameter(module.weight.detach().to(torch.int8), requires_grad=False)
-    before = weights(llama)
-    with pytest.raises(ml.MergeError, match=rf"{name}.*quantized.*torch.int8"):
-        ml.merge(llama, lora)
-    assert same_weights(llama, before)
+    return rf"{name}.*quantized.*torch.int8"
 
 
-def test_shape_mismatch_is_refused(llama):
-    lora = tiny.signed_lora(llama)
+def _shape_mismatch(llama, lora):
     name = lora.layout.names[1]
     module = lora.layout[name].module
     module.weight = nn.Parameter(torch.zeros(module.out_features, module.in_features + 1))
-    before = weights(llama)
-    with pytest.raises(ml.MergeError, match=rf"{name}.*shape mismatch: weight \(16, 33\)"):
-        ml.merge(llama, lora)
-    assert same_weights(llama, before)
+    return rf"{name}.*shape mismatch: weight \(16, 33\)"
 
 
-def test_replaced_layer_is_refused(llama):
-    lora = tiny.signed_lora(llama)
-    name = lora.layout.names[0]
+def _replaced_layer(llama, lora):
     llama.model.layers[0].self_attn.q_proj = nn.Linear(32, 32, bias=False)
-    before = weights(llama)
-    with pytest.raises(ml.MergeError, match=rf"{name}.*no longer has this layer"):
-        ml.merge(llama, lora)
-    assert same_weights(llama, before)
+    return rf"{lora.layout.names[0]}.*no longer has this layer"
 
 
-def test_non_finite_factors_are_refused(llama):
-    lora = tiny.signed_lora(llama)
+def _non_finite_factors(llama, lora):
     with torch.no_grad():
         lora.part(lora.layout.names[4]).lora_A[0, 0] = float("nan")
+    return "non-finite"
+
+
+@pytest.mark.parametrize(
+    "spoil", [_quantized, _shape_mismatch, _replaced_layer, _non_finite_factors]
+)
+def test_a_target_that_cannot_merge_is_refused_before_anything_changes(llama, spoil):
+    lora = tiny.signed_lora(llama)
+    match = spoil(llama, lora)
     before = weights(llama)
-    with pytest.raises(ml.MergeError, match="non-finite"):
+    with pytest.raises(ml.MergeError, match=match):
         ml.merge(llama, lora)
     assert same_weights(llama, before)
 

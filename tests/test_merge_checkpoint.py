@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import modlora as ml
 from modlora.merge_checkpoint import read_factors
 from tests import legacy_format, tiny
-from tests.checkpoint_files import sealed
+from tests.checkpoint_files import claiming_rank, sealed
 from tests.helpers import logits, signed_pissa, two_round_history
 
 mc_mod = importlib.import_module("modlora.merge_checkpoint")  # the name is also the function
@@ -196,21 +196,23 @@ def test_failure_on_the_last_shard_leaves_no_folder_and_keeps_the_old_one(tmp_pa
     assert _nothing_written(tmp_path, "base", "a.safetensors", "out")
 
 
-def test_non_finite_merge_in_fp16_writes_nothing(tmp_path):
-    model = tiny.llama().half()
+@pytest.mark.parametrize(
+    ("build", "lora_kw", "match"),
+    [
+        (lambda: tiny.llama().half(), {"std": 1e6}, "not finite in torch.float16"),  # ΔW > fp16
+        (
+            tiny.gpt2,
+            {"targets": ["lm_head"], "exclude": ()},
+            "lm_head.*tied to the input embedding",
+        ),
+    ],
+    ids=["non_finite_in_fp16", "tied_lm_head"],
+)
+def test_a_merge_that_cannot_be_written_writes_nothing(build, lora_kw, match, tmp_path):
+    model = build()
     base = _save_base(model, tmp_path / "base")
-    lora = tiny.signed_lora(model, std=1e6)  # ΔW far beyond fp16's range
-    lora.save(tmp_path / "a.safetensors")
-    with pytest.raises(ml.MergeError, match="not finite in torch.float16"):
-        ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "out")
-    assert _nothing_written(tmp_path, "base", "a.safetensors")
-
-
-def test_tied_lm_head_is_refused(tmp_path):
-    model = tiny.gpt2()
-    base = _save_base(model, tmp_path / "base")
-    tiny.signed_lora(model, targets=["lm_head"], exclude=()).save(tmp_path / "a.safetensors")
-    with pytest.raises(ml.MergeError, match="lm_head.*tied to the input embedding"):
+    tiny.signed_lora(model, **lora_kw).save(tmp_path / "a.safetensors")
+    with pytest.raises(ml.MergeError, match=match):
         ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "out")
     assert _nothing_written(tmp_path, "base", "a.safetensors")
 
@@ -260,14 +262,8 @@ def test_bad_adapter_files_are_refused(llama, tmp_path):
 def test_adapter_metadata_must_fit_the_tensors(llama, tmp_path):
     lora = tiny.signed_lora(llama)
     lora.save(tmp_path / "a.safetensors")
-    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(tmp_path / "a.safetensors"))
     first = lora.layout.names[0]
-    shapes = json.loads(meta["shapes"])
-    shapes[first][2] = 3  # the metadata claims rank 3, the tensors have rank 4
-    edited = sealed({**meta, "shapes": json.dumps(shapes)}, tensors)
-    save_file(tensors, str(tmp_path / "b.safetensors"), edited)
+    claiming_rank(tmp_path / "a.safetensors", tmp_path / "b.safetensors", first, 3)  # tensors: 4
     with pytest.raises(ValueError, match=rf"{first}.*lora_A \(4, 32\).*metadata says r=3"):
         read_factors(tmp_path / "b.safetensors")
     legacy = {"A.x": torch.zeros(2, 4), "B.x": torch.zeros(4, 2)}

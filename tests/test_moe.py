@@ -11,8 +11,8 @@ from torch import nn
 
 import modlora as ml
 from tests import tiny
-from tests.checkpoint_files import sealed
-from tests.helpers import hand_merged, logits, randomized
+from tests.checkpoint_files import claiming_rank, rewrite
+from tests.helpers import assert_each_row_alone, hand_merged, logits, randomized
 
 ARCHS = list(tiny.MOE_BUILDERS)
 
@@ -83,11 +83,7 @@ def test_per_sample_c_on_fused_experts(arch):
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens(batch=3)
     lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
     cs = torch.tensor([1.0, 0.0, -2.0])
-    with lora(model, c=cs):
-        batched = logits(model, x)
-    for i, c in enumerate(cs.tolist()):
-        with lora(model, c=c):
-            torch.testing.assert_close(batched[i : i + 1], logits(model, x[i : i + 1]))
+    assert_each_row_alone(model, lora, x, cs)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
@@ -171,11 +167,7 @@ def test_per_sample_c_on_flattened_token_inputs(arch):
     flat = [t.name for t in lora.layout if "fc1" in t.name or "shared_expert." in t.name]
     assert flat
     cs = torch.tensor([0.5, -1.0, 2.0])
-    with lora(model, c=cs):
-        batched = logits(model, x)
-    for i, c in enumerate(cs.tolist()):
-        with lora(model, c=c):
-            torch.testing.assert_close(batched[i : i + 1], logits(model, x[i : i + 1]))
+    assert_each_row_alone(model, lora, x, cs)
 
 
 def test_per_sample_c_on_routed_expert_layers_raises_and_scalar_c_works():
@@ -283,29 +275,21 @@ def test_offline_merge_of_fused_keys_and_of_an_unrecognised_layout(tmp_path):
 
 
 def test_expert_factors_are_validated_on_load(tmp_path):
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     model = tiny.mixtral()
     lora = randomized(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
     lora.save(tmp_path / "a.safetensors")
-    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(tmp_path / "a.safetensors"))
     name = lora.layout.names[0]
-    shapes = json.loads(meta["shapes"])
-    shapes[name][2] = 3  # the metadata claims rank 3; A (E, 2, d_in) and B (E, d_out, 2) say 2
-    edited = sealed({**meta, "shapes": json.dumps(shapes)}, tensors)  # as a writer made it
-    save_file(tensors, str(tmp_path / "r.safetensors"), edited)
+    # The metadata claims rank 3; A (E, 2, d_in) and B (E, d_out, 2) say 2.
+    claiming_rank(tmp_path / "a.safetensors", tmp_path / "r.safetensors", name, 3)
     with pytest.raises(
         ml.CheckpointError, match=rf"{name}.*lora_A \(4, 2, 32\).*metadata says r=3"
     ):
         ml.load_adapter(model, tmp_path / "r.safetensors")
-    fewer = dict(tensors)
-    fewer[f"{name}.lora_B"] = tensors[f"{name}.lora_B"][:3]  # 3 experts' B, 4 experts' A
-    save_file(fewer, str(tmp_path / "e.safetensors"), sealed(meta, fewer))
+    b = load_file(str(tmp_path / "a.safetensors"))[f"{name}.lora_B"]
+    fewer = {f"{name}.lora_B": b[:3]}  # 3 experts' B, 4 experts' A
+    rewrite(tmp_path / "a.safetensors", tmp_path / "e.safetensors", tensors=fewer)
     with pytest.raises(ml.CheckpointError, match=rf"{name}.*expert counts differ \(4 vs 3\)"):
         ml.load_adapter(model, tmp_path / "e.safetensors")
     assert not ml.find_adapters(model)

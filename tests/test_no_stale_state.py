@@ -38,18 +38,21 @@ def test_vector_to_parameters_and_load_state_dict_are_seen(llama):
         torch.testing.assert_close(logits(llama, x), logits(expected, x))
 
 
-def test_optimizer_steps_are_seen_by_no_grad_forwards(llama):
+@pytest.mark.parametrize("training_steps", [False, True], ids=["eval", "train_then_eval"])
+def test_optimizer_steps_are_seen_by_no_grad_forwards(llama, training_steps):
+    """Also when each step runs in training mode and each check in eval mode."""
     x = tiny.tokens()
     lora = tiny.signed_lora(llama)
     opt = torch.optim.AdamW(lora.parameters(), lr=0.05)
     with lora(llama, c=1.0):
         for _ in range(2):
+            lora.train(training_steps)
             llama(x).logits.pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
-            torch.testing.assert_close(
-                logits(llama, x), logits(hand_merged(llama, [(lora, 1.0)]), x)
-            )
+            lora.eval()
+            expected = logits(hand_merged(llama, [(lora, 1.0)]), x)
+            torch.testing.assert_close(logits(llama, x), expected)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
