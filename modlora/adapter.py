@@ -38,9 +38,6 @@ from .part import AdapterStateError, Parts, TargetPart
 from .recompute import note_detach
 from .samples import BatchShape
 
-PARTS = "parts"
-"""The adapter's child module holding the per-target parts (``state_dict`` key prefix)."""
-
 
 def describe_model(model: nn.Module) -> str:
     return f"{type(model).__name__} at {id(model):#x}"

@@ -88,17 +88,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def strings(value, name: str) -> tuple[str, ...]:
-    """A string or a sequence of strings, as a tuple."""
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise invalid(
-            TypeError, name, f"{name} must be a string or a sequence of strings, got {value!r}"
-        )
-    return tuple(value)
-
-
 def per_target(value, name: str, check) -> dict:
     """A ``{target name: value}`` mapping whose values pass ``check(value, label)``."""
     if value is None:

@@ -32,7 +32,6 @@ FULL_HASH_LIMIT = 2**22
 SAMPLE_SIZE = 2**20
 FINGERPRINT_METHOD = "blake2b-128 v1 (full bytes up to 2**22 elements, else 2**20 strided + sums)"
 SAMPLE = 4096
-SAMPLE_METHOD = "sha256 v2 (4096 elements at fixed spread positions)"
 DIGEST = "sha256"
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -17,6 +17,7 @@ from modlora import digest as ckpt_digest
 from modlora.checkpoint import CheckpointError, load_adapter, read_metadata, weight_fingerprint
 from tests import tiny
 from tests.checkpoint_files import rewrite, sealed
+from tests.helpers import add_deltas, assert_same_state, hand_delta, logits, model_state
 from tests.legacy_format import (
     flat,
     lora_factors,
@@ -57,23 +58,6 @@ def outputs(model, adapter, x, coeffs=COEFFS):
 def assert_same_outputs(model, a, b, x):
     for c, ya, yb in zip(COEFFS, outputs(model, a, x), outputs(model, b, x), strict=True):
         assert torch.equal(ya, yb), f"outputs differ at c={c}"
-
-
-def snapshot(model):
-    return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        sum(len(m._forward_hooks) for m in model.modules()),
-    )
-
-
-def assert_unchanged(model, snap):
-    state, flags, hooks = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    assert all(torch.equal(now[k], v) for k, v in state.items()), "weights changed"
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks, "hooks left behind"
 
 
 def make_lora(model):
@@ -257,10 +241,10 @@ def test_read_metadata(lora_file):
 
 # ---------------------------------------------------------------------------- bad files
 def _expect_failure(model, path, match, exc=CheckpointError, **kw):
-    snap = snapshot(model)
+    snap = model_state(model)
     with pytest.raises(exc, match=match):
         load_adapter(model, path, **kw)
-    assert_unchanged(model, snap)
+    assert_same_state(model, snap)
 
 
 def test_truncated_file(llama, lora_file, tmp_path):
@@ -385,10 +369,10 @@ def test_kind_mismatch_builds_nothing(llama, tmp_path):
     hist = ml.HistoryBake(llama, [(randomize(ml.ModulatedLoRA(llama, r=2)), 1.0)], attach=False)
     path = tmp_path / "h.safetensors"
     hist.save(path)
-    snap = snapshot(llama)
+    snap = model_state(llama)
     with pytest.raises(TypeError, match="holds a HistoryBake, not a ModulatedLoRA"):
         ml.ModulatedLoRA.from_checkpoint(llama, path)
-    assert_unchanged(llama, snap)  # the history was neither built nor attached
+    assert_same_state(llama, snap)  # the history was neither built nor attached
 
 
 def test_bad_options(llama, lora_file):
@@ -447,15 +431,15 @@ def test_loading_a_pissa_file_twice(llama, pissa_file):
     second = load_adapter(llama, pissa_file)  # neither attached: fine (non-destructive)
     first.attach(llama, c=1.0)
     y = llama(x).logits
-    snap = snapshot(llama)
+    snap = model_state(llama)
     with pytest.raises(CheckpointError, match="loaded from the same checkpoint.*attached"):
         load_adapter(llama, pissa_file)
-    assert_unchanged(llama, snap)
+    assert_same_state(llama, snap)
     with pytest.raises(ml.AdapterStateError, match="already attached to this model"):
         second.attach(llama, c=1.0)
     with pytest.raises(ml.AdapterStateError, match="apply twice"), second(llama, c=1.0):
         pass
-    assert_unchanged(llama, snap)
+    assert_same_state(llama, snap)
     assert torch.equal(llama(x).logits, y)  # still exactly one copy applied
     first.detach()
     with second(llama, c=1.0):  # one at a time is fine
@@ -473,11 +457,32 @@ def test_loading_a_history_twice(llama, tmp_path):
 
 
 def test_two_models_do_not_interfere(pissa_file):
-    a, b = tiny.llama(), tiny.llama()
+    """The same file attached to two models: each gets its delta once, and each its own."""
+    x = tiny.tokens()
+    a, b = tiny.llama(), tiny.llama()  # the same base weights the file was made on
+    base = logits(a, x)
+    # Reference from the file's raw tensors, without modlora's loader: W + U diag(delta_s) Vh.
+    stored = safetensors.torch.load_file(str(pissa_file))
+    names = {key.rsplit(".", 1)[0] for key in stored}
+    roles = ("U", "delta_s", "Vh")
+    deltas = {n: hand_delta("pissa", {r: stored[f"{n}.{r}"] for r in roles}, 1.0) for n in names}
+    reference = tiny.llama()
+    add_deltas(reference, deltas)
+    expected = logits(reference, x)
+    assert not torch.allclose(expected, base)
+
     first = load_adapter(a, pissa_file)
-    first.attach(a)
-    load_adapter(b, pissa_file).attach(b)  # another model: no conflict
+    first.attach(a, c=1.0)
+    second = load_adapter(b, pissa_file)  # another model: no conflict with a's copy
+    second.attach(b, c=1.0)
+    torch.testing.assert_close(logits(a, x), expected)
+    torch.testing.assert_close(logits(b, x), expected)
     first.detach()
+    assert torch.equal(logits(a, x), base)
+    torch.testing.assert_close(logits(b, x), expected)  # b's adapter is its own
+    second.detach()
+    assert torch.equal(logits(b, x), base)
+    assert not ml.find_adapters(a) and not ml.find_adapters(b)
 
 
 # ---------------------------------------------------------------------------- legacy files

@@ -22,6 +22,7 @@ import modlora as ml
 from modlora.checkpoint import CheckpointError
 from tests import tiny
 from tests.checkpoint_files import sealed
+from tests.helpers import assert_same_state, model_state
 
 EXAMPLES = 60  # per damage kind; a few seconds each on a tiny model
 SETTINGS = settings(
@@ -42,16 +43,8 @@ def _setup(tmp_path_factory):
             ("pissa", lambda: ml.ModulatedPiSSA(model, r=2, targets=("v_proj",))),
         ):
             make().save(folder / f"{kind}.safetensors", extra_meta={"round": 1}, c=1.5)
-        _CACHE.update(model=model, folder=folder, state=_state(model))
+        _CACHE.update(model=model, folder=folder, state=model_state(model))
     return _CACHE
-
-
-def _state(model):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        sum(len(m._forward_hooks) for m in model.modules()),
-    )
 
 
 def _check(data: bytes, kind: str, tmp_path_factory) -> str:
@@ -63,9 +56,7 @@ def _check(data: bytes, kind: str, tmp_path_factory) -> str:
         adapter = ml.load_adapter(model, path, check_base="warn")
     except CheckpointError as err:
         assert str(path) in str(err), str(err)
-        after = _state(model)
-        assert all(torch.equal(after[0][k], v) for k, v in env["state"][0].items())
-        assert after[1:] == env["state"][1:], "a failed load changed the model"
+        assert_same_state(model, env["state"])  # a failed load changed nothing
         return "refused"
     stored = safetensors.torch.load(data)
     loaded = {

@@ -5,6 +5,7 @@ import torch._dynamo
 from torch import nn
 
 import modlora as ml
+from tests.helpers import randomized
 
 
 def _counting_backend(graphs):
@@ -20,14 +21,6 @@ def _mlp():
     return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
 
 
-def _signed(model):
-    lora = ml.ModulatedLoRA(model, r=2, init="signed")
-    with torch.no_grad():
-        for p in lora.parameters():
-            p.normal_(0.0, 0.3)
-    return lora
-
-
 def _eager(model, lora, c, x):
     with torch.no_grad(), lora(model, c=c):
         return model(x)
@@ -40,7 +33,7 @@ def test_model_compiled_before_the_first_attach_sees_the_adapter():
     compiled = torch.compile(model, backend=_counting_backend(graphs))
     with torch.no_grad():
         base = compiled(x)
-    lora = _signed(model)
+    lora = randomized(ml.ModulatedLoRA(model, r=2), std=0.3)
     expected = {c: _eager(model, lora, c, x) for c in (1.0, -2.0)}
     try:
         for _ in range(3):  # enter and leave the block several times
@@ -58,7 +51,7 @@ def test_model_compiled_before_the_first_attach_sees_the_adapter():
 def test_compiled_model_does_not_recompile_when_c_changes_in_a_with_block():
     torch._dynamo.reset()
     model, x = _mlp(), torch.randn(3, 8)
-    lora = _signed(model)
+    lora = randomized(ml.ModulatedLoRA(model, r=2), std=0.3)
     graphs = []
     compiled = torch.compile(model, backend=_counting_backend(graphs))
     try:

@@ -46,20 +46,24 @@ def _plus_minus_step(model, adapter, x, plus, minus) -> None:
         (loss_plus - 0.5 * loss_minus).backward()
 
 
+def _assert_checkpointing_keeps_the_gradients(model, lora, plus, minus, reentrant):
+    """The ± step's gradients with HF gradient checkpointing turned on equal those without."""
+    x = tiny.tokens()
+    lora.train()
+    _plus_minus_step(model, lora, x, plus, minus)
+    want = _grads(lora)
+    enable_checkpointing(model, reentrant)
+    _plus_minus_step(model, lora, x, plus, minus)
+    _assert_same(_grads(lora), want)
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["scalar_c", "per_sample_c"])
 def test_plus_minus_pattern_under_hf_checkpointing_gives_the_plain_gradients(reentrant, per_sample):
     plus, minus = (PER_SAMPLE_PLUS, PER_SAMPLE_MINUS) if per_sample else (PLUS, MINUS)
-    x = tiny.tokens()
     model = tiny.llama().train()
     lora = tiny.signed_lora(model)
-    lora.train()
-    _plus_minus_step(model, lora, x, plus, minus)
-    want = _grads(lora)
-
-    enable_checkpointing(model, reentrant)
-    _plus_minus_step(model, lora, x, plus, minus)
-    _assert_same(_grads(lora), want)
+    _assert_checkpointing_keeps_the_gradients(model, lora, plus, minus, reentrant)
     assert not any(lora in log.records for log in recompute._LOGS.values())  # freed with the graph
 
 
@@ -67,16 +71,9 @@ def test_plus_minus_pattern_under_hf_checkpointing_gives_the_plain_gradients(ree
 def test_plus_minus_pattern_on_fused_moe_experts(reentrant):
     """Mixtral's fused 3-D expert weights are adapted by the experts hooks (before and after the
     experts module's forward): their recomputation replays the original c too."""
-    x = tiny.tokens()
     model = tiny.mixtral().train()
     lora = tiny.signed_lora(model, targets=("experts",))
-    lora.train()
-    _plus_minus_step(model, lora, x, PLUS, MINUS)
-    want = _grads(lora)
-
-    enable_checkpointing(model, reentrant)
-    _plus_minus_step(model, lora, x, PLUS, MINUS)
-    _assert_same(_grads(lora), want)
+    _assert_checkpointing_keeps_the_gradients(model, lora, PLUS, MINUS, reentrant)
 
 
 class _Stack(nn.Module):
@@ -129,11 +126,13 @@ def test_plain_torch_checkpoint_with_history_switches_and_dropout(reentrant):
     hist.remove()
 
 
-def test_backward_after_leaving_the_block_raises_for_reentrant_checkpointing():
+def _loss_from_a_block_already_left(reentrant: bool):
+    """``(loss, warnings)``: a checkpointed forward inside a with-block whose backward was not
+    run before the block was left."""
     model = tiny.llama().train()
     lora = tiny.signed_lora(model)
     lora.train()
-    enable_checkpointing(model, reentrant=True)
+    enable_checkpointing(model, reentrant=reentrant)
     messages = []
     sink = logger.add(messages.append, level="WARNING")
     try:
@@ -141,18 +140,18 @@ def test_backward_after_leaving_the_block_raises_for_reentrant_checkpointing():
             loss = model(tiny.tokens()).logits.pow(2).mean()
     finally:
         logger.remove(sink)
+    return loss, messages
+
+
+def test_backward_after_leaving_the_block_raises_for_reentrant_checkpointing():
+    loss, messages = _loss_from_a_block_already_left(reentrant=True)
     assert any("run backward inside the with-block" in m for m in messages)
     with pytest.raises(ml.AdapterStateError, match="detached .* before its backward"):
         loss.backward()
 
 
 def test_backward_after_leaving_the_block_raises_for_non_reentrant_checkpointing():
-    model = tiny.llama().train()
-    lora = tiny.signed_lora(model)
-    lora.train()
-    enable_checkpointing(model, reentrant=False)
-    with lora(model, c=PLUS):
-        loss = model(tiny.tokens()).logits.pow(2).mean()
+    loss, _ = _loss_from_a_block_already_left(reentrant=False)
     with pytest.raises(CheckpointError, match="different number of tensors"):
         loss.backward()  # torch's own check: the recomputation saved fewer tensors
 

@@ -5,23 +5,15 @@ import torch
 
 import modlora as ml
 from tests import tiny
-
-
-def _signed(model, **kw):
-    return tiny.signed_lora(model, **kw)
+from tests.helpers import logits
 
 
 def _hook_count(model):
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
 def test_hooks_removed_when_the_block_raises(llama):
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     with pytest.raises(RuntimeError, match="boom"), lora(llama, c=1.0):
         assert _hook_count(llama) == len(lora.layout)
         raise RuntimeError("boom")
@@ -29,7 +21,7 @@ def test_hooks_removed_when_the_block_raises(llama):
 
 
 def test_reentry_raises_and_keeps_the_first_attachment(llama):
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     with lora(llama, c=1.0):
         with pytest.raises(ml.AdapterStateError, match="already attached"), lora(llama, c=2.0):
             pass
@@ -40,7 +32,7 @@ def test_reentry_raises_and_keeps_the_first_attachment(llama):
 
 
 def test_wrong_model_raises_without_touching_either(llama):
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     other = tiny.llama()
     with pytest.raises(ValueError, match="was built on LlamaForCausalLM"):
         lora(other, c=1.0)
@@ -51,7 +43,7 @@ def test_wrong_model_raises_without_touching_either(llama):
 
 def test_detach_when_detached_raises(llama):
     with pytest.raises(ml.AdapterStateError, match="not attached"):
-        _signed(llama).detach()
+        tiny.signed_lora(llama).detach()
 
 
 @pytest.mark.parametrize(
@@ -69,7 +61,7 @@ def test_detach_when_detached_raises(llama):
 def test_bad_coefficient_raises_before_attaching(llama, c, error, match):
     # In the tests beartype checks annotations first: a wrong type or rank fails there, naming c.
     error, match = (error, TypeError), f"{match}|parameter 'c'"
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     with pytest.raises(error, match=match):
         lora(llama, c=c)
     with pytest.raises(error, match=match):
@@ -83,7 +75,7 @@ def test_bad_coefficient_raises_before_attaching(llama, c, error, match):
 
 
 def test_per_sample_c_with_wrong_batch_raises(llama):
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     with (
         lora(llama, c=torch.tensor([1.0, -1.0, 0.5])),
         pytest.raises(ValueError, match="per-sample coefficient has 3 values"),
@@ -94,18 +86,18 @@ def test_per_sample_c_with_wrong_batch_raises(llama):
 
 def test_persistent_form_and_set_coeff(llama):
     x = tiny.tokens()
-    base = _logits(llama, x)
-    lora = _signed(llama)
+    base = logits(llama, x)
+    lora = tiny.signed_lora(llama)
     with lora(llama, c=-0.7):
-        expected = _logits(llama, x)
+        expected = logits(llama, x)
     lora.attach(llama, c=0.0)
-    assert torch.equal(_logits(llama, x), base)
+    assert torch.equal(logits(llama, x), base)
     lora.set_coeff(-0.7)
-    assert torch.equal(_logits(llama, x), expected)
+    assert torch.equal(logits(llama, x), expected)
     lora.set_coeff(torch.tensor([-0.7, -0.7]))
-    torch.testing.assert_close(_logits(llama, x), expected)
+    torch.testing.assert_close(logits(llama, x), expected)
     lora.set_coeff(0)
-    assert torch.equal(_logits(llama, x), base)
+    assert torch.equal(logits(llama, x), base)
     lora.detach()
 
 
@@ -137,7 +129,7 @@ def _zero(lora):
 def test_plus_minus_c_then_one_backward_equals_two_backwards(llama, per_sample):
     """The field's training pattern: forward at +c, forward at -c, ONE backward."""
     x = tiny.tokens(batch=2)
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     lora.train()
     plus = torch.tensor([1.5, 1.5]) if per_sample else 1.5
     minus = torch.tensor([-1.5, 1.0]) if per_sample else -1.5
@@ -172,7 +164,7 @@ def test_gradient_checkpointing_misuse_is_reported(llama):
         )
         enable()
         llama.train()
-        lora = _signed(llama)
+        lora = tiny.signed_lora(llama)
         with lora(llama, c=1.0):
             loss = llama(tiny.tokens()).logits.pow(2).mean()
         assert any("run backward inside the with-block" in m for m in messages)
@@ -187,22 +179,22 @@ def test_gradient_checkpointing_misuse_is_reported(llama):
 
 def test_enabled_switch_and_gate(llama):
     x = tiny.tokens()
-    base = _logits(llama, x)
-    lora = _signed(llama)
+    base = logits(llama, x)
+    lora = tiny.signed_lora(llama)
     with lora(llama, c=1.0):
-        on = _logits(llama, x)
+        on = logits(llama, x)
         lora.enabled = False
-        assert torch.equal(_logits(llama, x), base)
+        assert torch.equal(logits(llama, x), base)
         lora.enabled = True
         lora.gate = lambda: False
-        assert torch.equal(_logits(llama, x), base)
+        assert torch.equal(logits(llama, x), base)
         lora.gate = lambda: True
-        assert torch.equal(_logits(llama, x), on)
+        assert torch.equal(logits(llama, x), on)
 
 
 def test_bf16_model_keeps_output_dtype():
     model = tiny.llama().to(torch.bfloat16)
-    lora = _signed(model)
+    lora = tiny.signed_lora(model)
     with lora(model, c=1.0):
         out = model(tiny.tokens()).logits
     assert out.dtype == torch.bfloat16

@@ -5,84 +5,38 @@ output with one ``addmm_``; these tests pin down when that cache must be refresh
 output may be written in place.
 """
 
-import copy
-
 import pytest
 import torch
 
 import modlora as ml
 from tests import tiny
-
-
-def _signed(model, seed=3, **kw):
-    torch.manual_seed(seed)
-    lora = ml.ModulatedLoRA(model, r=4, alpha=8, init="signed", **kw)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    return lora
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def _edited(model, adapters_and_cs):
-    """A copy of ``model`` with every ``(adapter, c)`` delta written into its weights."""
-    edited = copy.deepcopy(model)
-    for module in edited.modules():
-        module._forward_hooks.clear()  # a deep copy of an attached model copies the hooks too
-    modules = dict(edited.named_modules())
-    with torch.no_grad():
-        for adapter, c in adapters_and_cs:
-            for name, (a, b) in adapter.delta_factors(c).items():
-                delta = b @ a  # (d_out, d_in)
-                t = adapter.layout[name]
-                modules[name].weight += delta.T if t.transposed else delta
-    return edited
+from tests.helpers import hand_merged, logits
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fold_cache_follows_set_coeff_and_in_place_factor_updates(arch):
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens()
-    lora = _signed(model)
+    lora = tiny.signed_lora(model)
     lora.attach(model, c=1.0)
-    torch.testing.assert_close(_logits(model, x), _logits(_edited(model, [(lora, 1.0)]), x))
+    torch.testing.assert_close(logits(model, x), logits(hand_merged(model, [(lora, 1.0)]), x))
     lora.set_coeff(-2.0)
-    torch.testing.assert_close(_logits(model, x), _logits(_edited(model, [(lora, -2.0)]), x))
+    torch.testing.assert_close(logits(model, x), logits(hand_merged(model, [(lora, -2.0)]), x))
     with torch.no_grad():  # an optimizer step changes B in place: same object, new version
         for name, p in lora.named_parameters():
             if name.endswith("lora_B"):
                 p.mul_(3.0)
-    torch.testing.assert_close(_logits(model, x), _logits(_edited(model, [(lora, -2.0)]), x))
+    torch.testing.assert_close(logits(model, x), logits(hand_merged(model, [(lora, -2.0)]), x))
     lora.detach()
-
-
-def test_optimizer_steps_between_eval_forwards_are_seen(llama):
-    x = tiny.tokens()
-    lora = _signed(llama)
-    opt = torch.optim.SGD(lora.parameters(), lr=0.5)
-    with lora(llama, c=1.0):
-        for _ in range(2):
-            lora.train()
-            llama(x).logits.pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            lora.eval()
-            got = _logits(llama, x)
-            torch.testing.assert_close(got, _logits(_edited(llama, [(lora, 1.0)]), x))
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_no_grad_and_grad_paths_agree(llama, per_sample):
     x = tiny.tokens(batch=2)
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     c = torch.tensor([0.7, -1.3]) if per_sample else 0.7
     with lora(llama, c=c):
-        fast = _logits(llama, x)
+        fast = logits(llama, x)
         slow = llama(x).logits  # grad enabled: the differentiable path
         with torch.inference_mode():
             inference = llama(x).logits
@@ -93,12 +47,14 @@ def test_no_grad_and_grad_paths_agree(llama, per_sample):
 def test_bf16_model_with_fp32_adapter_matches_reference():
     model = tiny.llama().to(torch.bfloat16)
     x = tiny.tokens()
-    lora = _signed(model)
+    lora = tiny.signed_lora(model)
     with lora(model, c=1.5):
-        got = _logits(model, x)
+        got = logits(model, x)
     assert got.dtype == torch.bfloat16
     # bf16 weights: hooked (delta added in fp32 then rounded) vs edited weights round differently.
-    torch.testing.assert_close(got, _logits(_edited(model, [(lora, 1.5)]), x), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(
+        got, logits(hand_merged(model, [(lora, 1.5)]), x), atol=0.1, rtol=0.05
+    )
 
 
 def test_an_earlier_user_hook_keeps_the_base_output(llama):
@@ -108,16 +64,16 @@ def test_an_earlier_user_hook_keeps_the_base_output(llama):
     layer = dict(llama.named_modules())[name]
     seen = {}
     early = layer.register_forward_hook(lambda m, a, out: seen.update(early=out, x=a[0]))
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     with lora(llama, c=1.0):
         late = layer.register_forward_hook(lambda m, a, out: seen.update(late=out))
-        _logits(llama, x)
+        logits(llama, x)
         late.remove()
     early.remove()
     with torch.no_grad():
         base = layer(seen["x"])
-        a, b = lora.delta_factors(1.0)[name]
-        adapted = base + seen["x"] @ a.T @ b.T
+        part = lora.part(name)  # c = 1, alpha / r = 8 / 4
+        adapted = base + 1.0 * (8 / 4) * (seen["x"] @ part.lora_A.T) @ part.lora_B.T
     assert torch.equal(seen["early"], base)  # the early hook still holds the base output
     torch.testing.assert_close(seen["late"], adapted)  # a later hook sees the adapted one
 
@@ -132,11 +88,11 @@ def test_a_global_forward_hook_keeps_the_base_output(llama):
         if module is layer:
             seen["out"], seen["x"] = out, args[0]
 
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     handle = torch.nn.modules.module.register_module_forward_hook(global_hook)
     try:
         with lora(llama, c=1.0):
-            _logits(llama, x)
+            logits(llama, x)
     finally:
         handle.remove()
     with torch.no_grad():
@@ -145,18 +101,18 @@ def test_a_global_forward_hook_keeps_the_base_output(llama):
 
 def test_two_adapters_on_one_layer_add_up(llama):
     x = tiny.tokens()
-    one, two = _signed(llama, seed=1), _signed(llama, seed=2)
+    one, two = tiny.signed_lora(llama, seed=1), tiny.signed_lora(llama, seed=2)
     with one(llama, c=1.0), two(llama, c=-0.5):
-        got = _logits(llama, x)
-    torch.testing.assert_close(got, _logits(_edited(llama, [(one, 1.0), (two, -0.5)]), x))
+        got = logits(llama, x)
+    torch.testing.assert_close(got, logits(hand_merged(llama, [(one, 1.0), (two, -0.5)]), x))
 
 
 def test_history_coefficient_change_between_grad_forwards_then_one_backward(llama):
     """Frozen history factors use the cached fold in grad mode too: set_coeff between two
     forwards and one backward must equal two backwards (the cache is replaced, not mutated)."""
     x = tiny.tokens(batch=2)
-    hist = ml.HistoryBake(llama, [(_signed(llama, seed=5), 1.0)])
-    lora = _signed(llama, seed=6)
+    hist = ml.HistoryBake(llama, [(tiny.signed_lora(llama, seed=5), 1.0)])
+    lora = tiny.signed_lora(llama, seed=6)
     lora.train()
 
     def loss_at(c, sign):
@@ -178,7 +134,7 @@ def test_history_coefficient_change_between_grad_forwards_then_one_backward(llam
 
 def test_history_built_under_inference_mode_works(llama):
     x = tiny.tokens()
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     factors = lora.delta_factors(2.0)
     with torch.inference_mode():
         factors = {n: (a.clone(), b.clone()) for n, (a, b) in factors.items()}
@@ -186,4 +142,4 @@ def test_history_built_under_inference_mode_works(llama):
         hist.set_coeff(0.5)  # folding inference-mode factors: recomputed, never cached
         got = llama(x).logits
     hist.remove()
-    torch.testing.assert_close(got, _logits(_edited(llama, [(lora, 1.0)]), x))
+    torch.testing.assert_close(got, logits(hand_merged(llama, [(lora, 1.0)]), x))

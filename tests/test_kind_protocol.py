@@ -15,6 +15,7 @@ from torch import Tensor, nn
 import modlora as ml
 from modlora import checks
 from tests import tiny
+from tests.helpers import logits
 
 
 class FrozenAPart(ml.TargetPart):
@@ -82,14 +83,6 @@ def _trained(model):
     return adapter.eval()
 
 
-def _logits(model, x, adapter=None, c=1.0):
-    with torch.no_grad():
-        if adapter is None:
-            return model(x).logits
-        with adapter(model, c=c):
-            return model(x).logits
-
-
 def test_only_b_is_trainable_and_a_is_a_buffer(llama):
     adapter = FrozenALoRA(llama)
     assert [n.rsplit(".", 1)[1] for n, _ in adapter.named_parameters()][:2] == ["B", "B"]
@@ -103,7 +96,7 @@ def test_checkpoint_round_trip_through_the_registry(llama, tmp_path):
     assert ml.read_metadata(tmp_path / "fa.safetensors")["kind"] == "test_frozen_a_lora"
     loaded = ml.load_adapter(llama, tmp_path / "fa.safetensors")
     assert isinstance(loaded, FrozenALoRA) and loaded.deployed_c == -1.25
-    assert torch.equal(_logits(llama, x, loaded, -1.25), _logits(llama, x, adapter, -1.25))
+    assert torch.equal(logits(llama, x, loaded, -1.25), logits(llama, x, adapter, -1.25))
 
 
 def test_merge_history_and_peft_export(llama, tmp_path):
@@ -111,29 +104,29 @@ def test_merge_history_and_peft_export(llama, tmp_path):
 
     x = tiny.tokens()
     adapter = _trained(llama)
-    hooked = _logits(llama, x, adapter, 2.0)
+    hooked = logits(llama, x, adapter, 2.0)
     report = ml.merge(llama, adapter, c=2.0)
     assert report.applied == report.attempted == len(adapter.layout)
-    torch.testing.assert_close(_logits(llama, x), hooked)
+    torch.testing.assert_close(logits(llama, x), hooked)
     ml.unmerge(llama, adapter)
     hist = ml.HistoryBake(llama, [(adapter, 2.0)])
-    torch.testing.assert_close(_logits(llama, x), hooked)
+    torch.testing.assert_close(logits(llama, x), hooked)
     hist.remove()
     ml.export_peft(adapter, tmp_path / "peft", c=2.0)
     peft_model = PeftModel.from_pretrained(tiny.llama(), str(tmp_path / "peft")).eval()
-    torch.testing.assert_close(_logits(peft_model, x), hooked)
+    torch.testing.assert_close(logits(peft_model, x), hooked)
 
 
 @pytest.mark.slow
 def test_offline_merge_uses_the_kinds_own_factors(llama, tmp_path):
     x = tiny.tokens()
     adapter = _trained(llama)
-    hooked = _logits(llama, x, adapter, 0.5)
+    hooked = logits(llama, x, adapter, 0.5)
     llama.save_pretrained(tmp_path / "base")
     adapter.save(tmp_path / "fa.safetensors")
     ml.merge_checkpoint(tmp_path / "base", tmp_path / "fa.safetensors", tmp_path / "out", c=0.5)
     merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
-    torch.testing.assert_close(_logits(merged, x), hooked)
+    torch.testing.assert_close(logits(merged, x), hooked)
 
 
 def test_training_state_resume(llama, tmp_path):

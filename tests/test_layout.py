@@ -77,22 +77,10 @@ def test_multimodal_uses_the_text_stack():
 def test_real_multimodal_config_uses_text_stack():
     import transformers as tf
 
-    text = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=300,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
+    text = dict(tiny.BASE, head_dim=8, vocab_size=300)
+    shared = ("hidden_size", "intermediate_size", "num_attention_heads")
+    vision = {k: tiny.BASE[k] for k in shared} | dict(
+        num_hidden_layers=2, image_size=32, patch_size=8
     )
     cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
     model = tf.Gemma3ForConditionalGeneration(cfg)

@@ -1,29 +1,10 @@
-import copy
-
 import pytest
 import torch
+import torch.nn.functional as F
 
 import modlora as ml
 from tests import tiny
-
-
-def _signed(model, **kw):
-    return tiny.signed_lora(model, **kw)
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        out = model(x)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def _weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_weights(model, before):
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+from tests.helpers import assert_each_row_alone, hand_merged, logits, same_weights, weights
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -31,23 +12,23 @@ def _same_weights(model, before):
 def test_zero_init_is_bit_identical_at_any_c(arch, c):
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens()
-    base = _logits(model, x)
+    base = logits(model, x)
     lora = ml.ModulatedLoRA(model, r=4)
     with lora(model, c=c):
-        assert torch.equal(_logits(model, x), base)
+        assert torch.equal(logits(model, x), base)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_c_zero_is_bit_identical_and_hooks_go_away(arch):
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens()
-    base = _logits(model, x)
-    lora = _signed(model)
+    base = logits(model, x)
+    lora = tiny.signed_lora(model)
     with lora(model, c=0.0):
-        assert torch.equal(_logits(model, x), base)
+        assert torch.equal(logits(model, x), base)
     with lora(model, c=1.0):
-        assert not torch.equal(_logits(model, x), base)
-    assert torch.equal(_logits(model, x), base)
+        assert not torch.equal(logits(model, x), base)
+    assert torch.equal(logits(model, x), base)
     assert all(not t.module._forward_hooks for t in lora.layout)
 
 
@@ -55,52 +36,50 @@ def test_c_zero_is_bit_identical_and_hooks_go_away(arch):
 def test_hooked_forward_equals_hand_edited_weights(arch):
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens()
-    lora = _signed(model, layer_range=(0.25, 1.0))
-    with lora(model, c=-1.5):
-        hooked = _logits(model, x)
-    edited = copy.deepcopy(model)
-    modules = dict(edited.named_modules())
+    lora = tiny.signed_lora(model, layer_range=(0.25, 1.0))
+    hooked = logits(model, x, lora, c=-1.5)
+    # Reference: W += c · alpha/r · lora_B @ lora_A written into a copy's weights by hand.
+    torch.testing.assert_close(logits(hand_merged(model, [(lora, -1.5)]), x), hooked)
+
+
+def _layer_reference(layer, h, a, b, c, scale):
+    """``x @ W.T + bias + c · scale · (x @ A.T) @ B.T``, from the raw tensors with plain torch."""
+    return F.linear(h, layer.weight, layer.bias) + c * scale * (h @ a.T) @ b.T
+
+
+@pytest.mark.parametrize("c", [1.0, 2.0, -3.0, 0.37])
+def test_layer_output_is_the_lora_formula(llama, c):
+    name = "model.layers.3.mlp.down_proj"
+    lora = tiny.signed_lora(llama)  # r=4, alpha=8
+    layer = lora.layout[name].module
+    a, b = lora.part(name).lora_A, lora.part(name).lora_B
+    h = torch.randn(5, layer.in_features)
     with torch.no_grad():
-        for name, (a, b) in lora.delta_factors(-1.5).items():
-            t = lora.layout[name]
-            delta = b @ a  # (d_out, d_in)
-            modules[name].weight += delta.T if t.transposed else delta
-    torch.testing.assert_close(_logits(edited, x), hooked)
-
-
-def test_delta_is_linear_in_c(llama):
-    x = tiny.tokens()
-    base = _logits(llama, x)
-    lora = _signed(
-        llama, targets=(r"mlp\.down_proj$",), layer_range=(3, 4)
-    )  # one layer: output is linear in ΔW
-    deltas = {}
-    for c in (1.0, 2.0, -3.0):
+        base = layer(h)
         with lora(llama, c=c):
-            deltas[c] = _logits(llama, x) - base
-    # fp32: the logits are linear in the last layer's ΔW up to RMSNorm; use the layer output itself.
-    target = lora.layout["model.layers.3.mlp.down_proj"].module
-    h = torch.randn(5, target.in_features)
-    outs = {}
-    for c in (1.0, 2.0, -3.0):
-        with lora(llama, c=c), torch.no_grad():
-            outs[c] = target(h) - torch.nn.functional.linear(h, target.weight, target.bias)
-    torch.testing.assert_close(outs[2.0], 2 * outs[1.0])
-    torch.testing.assert_close(outs[-3.0], -3 * outs[1.0])
-    assert not torch.equal(deltas[1.0], torch.zeros_like(deltas[1.0]))
+            got = layer(h)
+        expected = _layer_reference(layer, h, a, b, c, 8 / 4)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, base)  # the delta is large enough to be seen
+
+
+def test_delta_factors_are_the_raw_tensors_scaled(llama):
+    """``delta_factors(c)`` is ``(lora_A, c · alpha/r · lora_B)``: one exact multiplication."""
+    lora = tiny.signed_lora(llama, r=4, alpha=2)  # alpha/r = 1/2 and c = -1.5: c · alpha/r is exact
+    factors = lora.delta_factors(-1.5)
+    assert list(factors) == lora.layout.names
+    for name, (a, b) in factors.items():
+        part = lora.part(name)
+        assert torch.equal(a, part.lora_A) and torch.equal(b, -0.75 * part.lora_B)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_per_sample_c_equals_each_row_alone(arch):
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens(batch=3)
-    lora = _signed(model)
+    lora = tiny.signed_lora(model)
     cs = torch.tensor([1.0, -2.0, 0.0])
-    with lora(model, c=cs):
-        batched = _logits(model, x)
-    for i, c in enumerate(cs.tolist()):
-        with lora(model, c=c):
-            torch.testing.assert_close(batched[i : i + 1], _logits(model, x[i : i + 1]))
+    assert_each_row_alone(model, lora, x, cs)
 
 
 def test_base_frozen_adapter_trainable_and_on_layer_device(llama):
@@ -117,7 +96,7 @@ def test_base_frozen_adapter_trainable_and_on_layer_device(llama):
 
 
 def test_state_dict_round_trip_and_strictness(llama):
-    lora = _signed(llama)
+    lora = tiny.signed_lora(llama)
     other = ml.ModulatedLoRA(llama, r=4, alpha=8)
     other.load_state_dict(lora.state_dict())
     for (k1, p1), (k2, p2) in zip(lora.named_parameters(), other.named_parameters(), strict=True):
@@ -136,22 +115,29 @@ def test_state_dict_round_trip_and_strictness(llama):
 
 def test_per_target_rank_and_alpha(llama):
     name = "model.layers.1.mlp.up_proj"
-    lora = ml.ModulatedLoRA(llama, r=4, alpha=8, rank_pattern={name: 2}, alpha_pattern={name: 1.0})
-    a, b, scale = lora.part(name).factors()
-    assert a.shape == (2, 32) and b.shape == (64, 2) and scale == 0.5
+    lora = tiny.signed_lora(llama, r=4, alpha=8, rank_pattern={name: 2}, alpha_pattern={name: 1.0})
+    part = lora.part(name)
+    assert part.lora_A.shape == (2, 32) and part.lora_B.shape == (64, 2)
+    layer = lora.layout[name].module
+    h = torch.randn(3, layer.in_features)
+    with torch.no_grad(), lora(llama, c=2.0):
+        got = layer(h)
+    assert not torch.allclose(got, F.linear(h, layer.weight, layer.bias))
+    # This target's scale is its own alpha / its own r: 1 / 2 (the others' is 8 / 4).
+    torch.testing.assert_close(got, _layer_reference(layer, h, part.lora_A, part.lora_B, 2.0, 0.5))
     with pytest.raises(ValueError, match="not targets"):
         ml.ModulatedLoRA(llama, r=4, rank_pattern={"lm_head": 2})
 
 
 def test_dropout_only_in_training_mode(llama):
     x = tiny.tokens()
-    lora = _signed(llama, dropout=0.5)
+    lora = tiny.signed_lora(llama, dropout=0.5)
     with lora(llama, c=1.0):
         lora.eval()
-        first, second = _logits(llama, x), _logits(llama, x)
+        first, second = logits(llama, x), logits(llama, x)
         assert torch.equal(first, second)
         lora.train()
-        assert not torch.equal(_logits(llama, x), first)
+        assert not torch.equal(logits(llama, x), first)
 
 
 @pytest.mark.parametrize(
@@ -167,9 +153,9 @@ def test_dropout_only_in_training_mode(llama):
     ],
 )
 def test_bad_construction_raises_and_leaves_model(llama, kwargs, match):
-    before = _weights(llama)
+    before = weights(llama)
     grads = [p.requires_grad for p in llama.parameters()]
     with pytest.raises((ValueError, TypeError), match=match):
         ml.ModulatedLoRA(llama, **kwargs)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
     assert grads == [p.requires_grad for p in llama.parameters()]

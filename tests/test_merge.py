@@ -8,44 +8,20 @@ from torch import nn
 
 import modlora as ml
 from tests import tiny
+from tests.helpers import (
+    adapter_deltas,
+    hand_merged,
+    logits,
+    same_weights,
+    signed_pissa,
+    two_round_history,
+    weights,
+)
 
 merge_mod = importlib.import_module("modlora.merge")  # `modlora.merge` is also the function
 
 
-def _lora(model, seed=3, std=0.05, **kw):
-    return tiny.signed_lora(model, seed=seed, std=std, **kw)
-
-
-def _pissa(model, seed=4, **kw):
-    pissa = ml.ModulatedPiSSA(model, r=4, **kw)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for _, p in pissa.named_parameters():
-            p.normal_(0, 0.3)
-    return pissa
-
-
-def _history(model):
-    return ml.HistoryBake(
-        model, [(_lora(model, layer_range=(0, 2)), 1.0), (_pissa(model), -0.5)], attach=False
-    )
-
-
-KINDS = {"lora": _lora, "pissa": _pissa, "history": _history}
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def _weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_weights(model, before):
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+KINDS = {"lora": tiny.signed_lora, "pissa": signed_pissa, "history": two_round_history}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -54,10 +30,11 @@ def test_merge_matches_hooks_and_unmerge_is_exact(arch, kind):
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens()
     adapter = KINDS[kind](model)
-    before = _weights(model)
+    before = weights(model)
+    expected = hand_merged(model, [(adapter, -1.5)]).state_dict()
     with adapter(model, c=-1.5):
-        hooked = _logits(model, x)
-    assert not torch.equal(hooked, _logits(model, x))  # the delta is visible
+        hooked = logits(model, x)
+    assert not torch.equal(hooked, logits(model, x))  # the delta is visible
 
     report = ml.merge(model, adapter, c=-1.5)
 
@@ -65,45 +42,48 @@ def test_merge_matches_hooks_and_unmerge_is_exact(arch, kind):
     assert report.kind == kind and report.c == -1.5
     assert report.targets == tuple(adapter.layout.names)
     assert report.worst_rel_error < 1e-4 and report.below_resolution == ()
-    torch.testing.assert_close(_logits(model, x), hooked)
+    torch.testing.assert_close(logits(model, x), hooked)
+    # The merged weights themselves: W + ΔW(c), the delta written out from the raw tensors.
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
     ml.unmerge(model, adapter)
-    assert _same_weights(model, before)
+    assert same_weights(model, before)
 
 
 def test_store_on_device_is_also_exact(llama):
-    lora = _lora(llama)
-    before = _weights(llama)
+    lora = tiny.signed_lora(llama)
+    before = weights(llama)
     ml.merge(llama, lora, 2.0, store="device")
-    assert not _same_weights(llama, before)
+    assert not same_weights(llama, before)
     ml.unmerge(llama, lora)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
 
 
 def test_zero_delta_merges_to_the_identical_weights(llama):
     lora = ml.ModulatedLoRA(llama, r=4)  # init="zero": B = 0
-    before = _weights(llama)
+    before = weights(llama)
     report = ml.merge(llama, lora, 3.0)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
     assert report.worst_rel_error == 0.0 and report.worst_target is None
 
 
 def test_deployed_c_is_used_when_c_is_none(llama):
     x = tiny.tokens()
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     with pytest.raises(ValueError, match="deployed_c"):
         ml.merge(llama, lora, c=None)
     lora.deployed_c = 0.5
     with lora(llama, c=0.5):
-        hooked = _logits(llama, x)
+        hooked = logits(llama, x)
     assert ml.merge(llama, lora, c=None).c == 0.5
-    torch.testing.assert_close(_logits(llama, x), hooked)
+    torch.testing.assert_close(logits(llama, x), hooked)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_forced_verification_miss_leaves_the_whole_model_unchanged(arch, monkeypatch):
     model = tiny.BUILDERS[arch]()
-    lora = _lora(model)
-    before = _weights(model)
+    lora = tiny.signed_lora(model)
+    before = weights(model)
     victim = lora.layout.names[5]
     real = merge_mod.merged_weight
     calls = []
@@ -117,25 +97,25 @@ def test_a_forced_verification_miss_leaves_the_whole_model_unchanged(arch, monke
     with pytest.raises(ml.MergeError, match=r"verification miss.*restored 6 weight\(s\)") as info:
         ml.merge(model, lora, 1.0)
     assert info.value.target == victim and victim in str(info.value)
-    assert _same_weights(model, before)
+    assert same_weights(model, before)
     monkeypatch.setattr(merge_mod, "merged_weight", real)
     ml.merge(model, lora, 1.0)  # nothing was registered by the failed merge
     ml.unmerge(model, lora)
-    assert _same_weights(model, before)
+    assert same_weights(model, before)
 
 
 def test_a_merge_that_silently_keeps_the_base_weight_is_caught(gpt2, monkeypatch):
-    lora = _lora(gpt2)
-    before = _weights(gpt2)
+    lora = tiny.signed_lora(gpt2)
+    before = weights(gpt2)
     monkeypatch.setattr(merge_mod, "merged_weight", lambda w, a, b: w.clone())  # `except: return W`
     with pytest.raises(ml.MergeError, match=r"c_attn.*verification miss.*model unchanged"):
         ml.merge(gpt2, lora, 1.0)
-    assert _same_weights(gpt2, before)
+    assert same_weights(gpt2, before)
 
 
 def test_a_failing_layer_forward_is_wrapped_and_restored(llama, monkeypatch):
-    lora = _lora(llama)
-    before = _weights(llama)
+    lora = tiny.signed_lora(llama)
+    before = weights(llama)
     name = lora.layout.names[3]
     module = lora.layout[name].module
     calls = []
@@ -149,28 +129,28 @@ def test_a_failing_layer_forward_is_wrapped_and_restored(llama, monkeypatch):
     monkeypatch.setattr(module, "forward", flaky)
     with pytest.raises(ml.MergeError, match=rf"{name}.*RuntimeError: device lost.*unchanged"):
         ml.merge(llama, lora, 1.0)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
 
 
 def test_non_finite_result_raises_and_restores():
     model = tiny.llama().half()
-    lora = _lora(model, layer_range=(2, 4))
+    lora = tiny.signed_lora(model, layer_range=(2, 4))
     with torch.no_grad():
         lora.part(lora.layout.names[-1]).lora_B.fill_(1e6)  # the last target overflows fp16
-    before = _weights(model)
+    before = weights(model)
     with pytest.raises(ml.MergeError, match=r"not finite in torch.float16.*model unchanged"):
         ml.merge(model, lora, 1.0)
-    assert _same_weights(model, before)
+    assert same_weights(model, before)
 
 
 def test_bf16_merge_accumulates_in_fp32_and_rounds_once():
     model = tiny.llama().to(torch.bfloat16)
-    lora = _lora(model, std=0.02)
+    lora = tiny.signed_lora(model, std=0.02)
     name = lora.layout.names[0]
     w = lora.layout[name].module.weight.detach().clone()
-    a, b = lora.delta_factors(1.0)[name]
-    truth = w.float() + b @ a
-    naive = w + (b @ a).to(torch.bfloat16)  # a bf16 add of a bf16 delta: two roundings
+    delta = adapter_deltas(lora, 1.0)[name].float()  # c · alpha/r · B @ A, by hand
+    truth = w.float() + delta
+    naive = w + delta.to(torch.bfloat16)  # a bf16 add of a bf16 delta: two roundings
     report = ml.merge(model, lora, 1.0)
     merged = lora.layout[name].module.weight.detach()
     ours_err, naive_err = (merged.float() - truth).abs(), (naive.float() - truth).abs()
@@ -182,26 +162,26 @@ def test_bf16_merge_accumulates_in_fp32_and_rounds_once():
 
 def test_a_delta_below_bf16_resolution_is_reported(llama):
     model = llama.to(torch.bfloat16)
-    lora = _lora(model, std=1e-7)
+    lora = tiny.signed_lora(model, std=1e-7)
     report = ml.merge(model, lora, 1.0)
     assert set(report.below_resolution) == set(lora.layout.names)
 
 
 def test_per_sample_or_bad_c_is_refused(llama):
-    lora = _lora(llama)
-    before = _weights(llama)
+    lora = tiny.signed_lora(llama)
+    before = weights(llama)
     with pytest.raises(ValueError, match="scalar c"):
         ml.merge(llama, lora, torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="finite"):
         ml.merge(llama, lora, float("nan"))
     with pytest.raises(ValueError, match="store"):
         ml.merge(llama, lora, 1.0, store="disk")
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
 
 
 def test_attached_adapter_is_refused(llama):
-    lora = _lora(llama)
-    before = _weights(llama)
+    lora = tiny.signed_lora(llama)
+    before = weights(llama)
     lora.attach(llama, 1.0)
     with pytest.raises(ml.AdapterStateError, match="attached.*twice"):
         ml.merge(llama, lora)
@@ -210,16 +190,16 @@ def test_attached_adapter_is_refused(llama):
     with pytest.raises(ml.AdapterStateError, match=r"remove\(\)"):
         ml.merge(llama, hist)
     hist.remove()  # while attached, the model's state_dict holds the history's tensors too
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
 
 
 def test_merging_twice_or_unmerging_what_is_not_merged_raises(llama):
-    lora = _lora(llama)
-    before = _weights(llama)
+    lora = tiny.signed_lora(llama)
+    before = weights(llama)
     with pytest.raises(ml.AdapterStateError, match="not merged"):
         ml.unmerge(llama, lora)
     ml.merge(llama, lora)
-    merged = _weights(llama)
+    merged = weights(llama)
     with pytest.raises(ml.AdapterStateError, match="already merged"):
         ml.merge(llama, lora)
     with pytest.raises(ml.AdapterStateError, match="merged into the model's weights"):
@@ -229,53 +209,56 @@ def test_merging_twice_or_unmerging_what_is_not_merged_raises(llama):
         lora(llama, c=1.0),
     ):
         pass
-    assert _same_weights(llama, merged) and not lora.attached
+    assert same_weights(llama, merged) and not lora.attached
     ml.unmerge(llama, lora)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
     with lora(llama, c=1.0):  # attachable again once unmerged
         assert lora.attached
 
 
 def test_adapter_from_another_model_is_refused():
     model, other = tiny.llama(), tiny.llama(seed=1)
-    lora = _lora(model)
-    before = _weights(other)
+    lora = tiny.signed_lora(model)
+    before = weights(other)
     with pytest.raises(ValueError, match="was built on"):
         ml.merge(other, lora)
-    assert _same_weights(other, before)
+    assert same_weights(other, before)
 
 
 def test_stacked_merges_unmerge_last_in_first_out(llama):
-    first, second = _lora(llama, seed=1), _lora(llama, seed=2, layer_range=(1, 3))
-    before = _weights(llama)
+    first, second = (
+        tiny.signed_lora(llama, seed=1),
+        tiny.signed_lora(llama, seed=2, layer_range=(1, 3)),
+    )
+    before = weights(llama)
     ml.merge(llama, first, 1.0)
-    after_first = _weights(llama)
+    after_first = weights(llama)
     ml.merge(llama, second, -1.0)
     with pytest.raises(ml.AdapterStateError, match="merged later on the same targets"):
         ml.unmerge(llama, first)
     ml.unmerge(llama, second)
-    assert _same_weights(llama, after_first)
+    assert same_weights(llama, after_first)
     ml.unmerge(llama, first)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
 
 
 def test_unmerge_refuses_weights_changed_since_the_merge(llama):
-    lora = _lora(llama)
-    before = _weights(llama)
+    lora = tiny.signed_lora(llama)
+    before = weights(llama)
     ml.merge(llama, lora)
     weight = lora.layout[lora.layout.names[2]].module.weight
     with torch.no_grad():
         weight[0, 0] += 1.0  # a training step or an edit after the merge
-    edited = _weights(llama)
+    edited = weights(llama)
     with pytest.raises(RuntimeError, match=r"changed since the merge.*force=True"):
         ml.unmerge(llama, lora)
-    assert _same_weights(llama, edited)
+    assert same_weights(llama, edited)
     ml.unmerge(llama, lora, force=True)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
 
 
 def test_unmerge_refuses_a_dtype_change(llama):
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     ml.merge(llama, lora)
     llama.to(torch.float64)
     with pytest.raises(RuntimeError, match=r"float64.*float32 when merged"):
@@ -283,64 +266,59 @@ def test_unmerge_refuses_a_dtype_change(llama):
 
 
 def test_tied_weight_is_refused(gpt2):
-    lora = _lora(gpt2, targets=["lm_head"], exclude=())  # GPT-2 ties lm_head to wte
-    before = _weights(gpt2)
+    lora = tiny.signed_lora(gpt2, targets=["lm_head"], exclude=())  # GPT-2 ties lm_head to wte
+    before = weights(gpt2)
     with pytest.raises(ml.MergeError, match=r"lm_head.*shared with \['transformer.wte.weight'\]"):
         ml.merge(gpt2, lora)
-    assert _same_weights(gpt2, before)
+    assert same_weights(gpt2, before)
 
 
-def test_quantized_layer_is_refused_before_anything_changes(llama):
-    lora = _lora(llama)
+def _quantized(llama, lora):
     name = lora.layout.names[-1]
     module = lora.layout[name].module
     module.weight = nn.Parameter(module.weight.detach().to(torch.int8), requires_grad=False)
-    before = _weights(llama)
-    with pytest.raises(ml.MergeError, match=rf"{name}.*quantized.*torch.int8"):
-        ml.merge(llama, lora)
-    assert _same_weights(llama, before)
+    return rf"{name}.*quantized.*torch.int8"
 
 
-def test_shape_mismatch_is_refused(llama):
-    lora = _lora(llama)
+def _shape_mismatch(llama, lora):
     name = lora.layout.names[1]
     module = lora.layout[name].module
     module.weight = nn.Parameter(torch.zeros(module.out_features, module.in_features + 1))
-    before = _weights(llama)
-    with pytest.raises(ml.MergeError, match=rf"{name}.*shape mismatch: weight \(16, 33\)"):
-        ml.merge(llama, lora)
-    assert _same_weights(llama, before)
+    return rf"{name}.*shape mismatch: weight \(16, 33\)"
 
 
-def test_replaced_layer_is_refused(llama):
-    lora = _lora(llama)
-    name = lora.layout.names[0]
+def _replaced_layer(llama, lora):
     llama.model.layers[0].self_attn.q_proj = nn.Linear(32, 32, bias=False)
-    before = _weights(llama)
-    with pytest.raises(ml.MergeError, match=rf"{name}.*no longer has this layer"):
-        ml.merge(llama, lora)
-    assert _same_weights(llama, before)
+    return rf"{lora.layout.names[0]}.*no longer has this layer"
 
 
-def test_non_finite_factors_are_refused(llama):
-    lora = _lora(llama)
+def _non_finite_factors(llama, lora):
     with torch.no_grad():
         lora.part(lora.layout.names[4]).lora_A[0, 0] = float("nan")
-    before = _weights(llama)
-    with pytest.raises(ml.MergeError, match="non-finite"):
+    return "non-finite"
+
+
+@pytest.mark.parametrize(
+    "spoil", [_quantized, _shape_mismatch, _replaced_layer, _non_finite_factors]
+)
+def test_a_target_that_cannot_merge_is_refused_before_anything_changes(llama, spoil):
+    lora = tiny.signed_lora(llama)
+    match = spoil(llama, lora)
+    before = weights(llama)
+    with pytest.raises(ml.MergeError, match=match):
         ml.merge(llama, lora)
-    assert _same_weights(llama, before)
+    assert same_weights(llama, before)
 
 
 def test_training_mode_dropout_does_not_disturb_the_probe(llama):
     x = tiny.tokens()
-    lora = _lora(llama, dropout=0.5)
+    lora = tiny.signed_lora(llama, dropout=0.5)
     with lora(llama, c=1.0):
-        hooked = _logits(llama, x)  # eval mode: no dropout
+        hooked = logits(llama, x)  # eval mode: no dropout
     lora.train()
     ml.merge(llama, lora)
     assert lora.training
-    torch.testing.assert_close(_logits(llama, x), hooked)
+    torch.testing.assert_close(logits(llama, x), hooked)
 
 
 def test_not_an_adapter_is_refused(llama):
@@ -350,12 +328,12 @@ def test_not_an_adapter_is_refused(llama):
 
 def test_history_of_a_merged_round_refuses_to_attach(llama):
     """A merged round inside a history would add its delta a second time."""
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     ml.merge(llama, lora, c=1.0)
-    weights = {k: v.clone() for k, v in llama.state_dict().items()}
+    merged = weights(llama)
     with pytest.raises(ml.AdapterStateError, match="merged into the model's weights"):
         ml.HistoryBake(llama, [(lora, 1.0)])
     assert not any(m._forward_hooks for m in llama.modules())
-    assert all(torch.equal(v, weights[k]) for k, v in llama.state_dict().items())
+    assert same_weights(llama, merged)
     ml.unmerge(llama, lora)
     ml.HistoryBake(llama, [(lora, 1.0)]).remove()  # fine once unmerged

@@ -13,31 +13,14 @@ from safetensors.torch import load_file, save_file
 import modlora as ml
 from modlora.merge_checkpoint import read_factors
 from tests import legacy_format, tiny
-from tests.checkpoint_files import sealed
+from tests.checkpoint_files import claiming_rank, sealed
+from tests.helpers import logits, signed_pissa, two_round_history
 
 mc_mod = importlib.import_module("modlora.merge_checkpoint")  # the name is also the function
 TOKENIZER_FILES = {"tokenizer.json": '{"fake": true}', "tokenizer_config.json": '{"x": 1}'}
 
 
-def _lora(model, std=0.05, **kw):
-    return tiny.signed_lora(model, std=std, **kw)
-
-
-def _pissa(model, **kw):
-    pissa = ml.ModulatedPiSSA(model, r=4, **kw)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for _, p in pissa.named_parameters():
-            p.normal_(0, 0.3)
-    return pissa
-
-
-def _history(model):
-    rounds = [(_lora(model, layer_range=(0, 2)), 1.0), (_pissa(model), -0.5)]
-    return ml.HistoryBake(model, rounds, attach=False)
-
-
-KINDS = {"lora": _lora, "pissa": _pissa, "history": _history}
+KINDS = {"lora": tiny.signed_lora, "pissa": signed_pissa, "history": two_round_history}
 
 
 def _save_base(model, folder, shard=True):
@@ -54,11 +37,6 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
 @pytest.mark.parametrize(
     ("arch", "kind"), [("llama", "lora"), ("llama", "pissa"), ("gpt2", "lora"), ("gpt2", "history")]
 )
@@ -70,14 +48,14 @@ def test_sharded_merge_reloads_to_the_hooked_logits(arch, kind, tmp_path):
     adapter = KINDS[kind](model)
     adapter.save(tmp_path / "adapter.safetensors")
     with adapter(model, c=1.5):
-        hooked = _logits(model, x)
+        hooked = logits(model, x)
     before = _digest(base)
 
     report = ml.merge_checkpoint(base, tmp_path / "adapter.safetensors", tmp_path / "out", c=1.5)
 
     out = tmp_path / "out"
     merged = tf.AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    torch.testing.assert_close(_logits(merged, x), hooked)
+    torch.testing.assert_close(logits(merged, x), hooked)
     assert report.attempted == report.applied == len(adapter.layout)
     assert set(report.targets) == set(adapter.layout.names) and report.worst_rel_error < 1e-4
     assert _digest(base) == before  # the base folder is never modified
@@ -101,14 +79,16 @@ def test_single_file_deployed_c_and_a_missing_model_prefix(tmp_path):
     x = tiny.tokens()
     base = _save_base(model, tmp_path / "base", shard=False)
     assert (base / "model.safetensors").is_file()
-    lora = _lora(model.model)  # built on the inner LlamaModel: names "layers.N..." (no "model.")
+    lora = tiny.signed_lora(
+        model.model
+    )  # built on the inner LlamaModel: names "layers.N..." (no "model.")
     lora.save(tmp_path / "a.safetensors", c=-0.75)
     with lora(model.model, c=-0.75):
-        hooked = _logits(model, x)
+        hooked = logits(model, x)
     report = ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "out", c=None)
     assert report.c == -0.75
     merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
-    torch.testing.assert_close(_logits(merged, x), hooked)
+    torch.testing.assert_close(logits(merged, x), hooked)
     weights = json.loads((tmp_path / "out" / "modlora_merge.json").read_text())["weights"]
     assert weights["layers.0.self_attn.q_proj"] == "model.layers.0.self_attn.q_proj.weight"
 
@@ -117,14 +97,14 @@ def test_legacy_lora_file_merges(tmp_path):
     model = tiny.gpt2()
     x = tiny.tokens()
     base = _save_base(model, tmp_path / "base")
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     factors = {n: (t["lora_A"], t["lora_B"]) for n, t in lora.target_tensors().items()}
     legacy_format.save_legacy_lora(tmp_path / "old.safetensors", factors, 4, 8, ["all-linear"])
     with lora(model, c=1.0):
-        hooked = _logits(model, x)
+        hooked = logits(model, x)
     ml.merge_checkpoint(base, tmp_path / "old.safetensors", tmp_path / "out")
     merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
-    torch.testing.assert_close(_logits(merged, x), hooked)
+    torch.testing.assert_close(logits(merged, x), hooked)
 
 
 @pytest.mark.parametrize("kind", ["lora", "pissa", "history"])
@@ -145,13 +125,13 @@ def _nothing_written(tmp_path, *keep):
 def test_mismatched_adapter_writes_nothing(tmp_path):
     base = _save_base(tiny.llama(), tmp_path / "base")
     wide = tiny.llama(hidden_size=48)
-    _lora(wide).save(tmp_path / "wide.safetensors")
+    tiny.signed_lora(wide).save(tmp_path / "wide.safetensors")
     with pytest.raises(
         ml.MergeError,
         match=r"q_proj': shape mismatch.*is \(32, 32\).*needs \(48, 48\).*27 more.*nothing written",
     ):
         ml.merge_checkpoint(base, tmp_path / "wide.safetensors", tmp_path / "out")
-    _lora(tiny.gpt2()).save(tmp_path / "gpt2.safetensors")
+    tiny.signed_lora(tiny.gpt2()).save(tmp_path / "gpt2.safetensors")
     with pytest.raises(ml.MergeError, match=r"transformer.h.0.attn.c_attn.*no module.*15 more"):
         ml.merge_checkpoint(base, tmp_path / "gpt2.safetensors", tmp_path / "out")
     assert _nothing_written(tmp_path, "base", "wide.safetensors", "gpt2.safetensors")
@@ -159,10 +139,10 @@ def test_mismatched_adapter_writes_nothing(tmp_path):
 
 def test_another_base_raises_for_pissa_and_on_request(tmp_path):
     base = _save_base(tiny.llama(seed=1), tmp_path / "base")
-    _pissa(tiny.llama()).save(tmp_path / "p.safetensors")
+    signed_pissa(tiny.llama()).save(tmp_path / "p.safetensors")
     with pytest.raises(ValueError, match="different base"):
         ml.merge_checkpoint(base, tmp_path / "p.safetensors", tmp_path / "out")
-    _lora(tiny.llama()).save(tmp_path / "l.safetensors")
+    tiny.signed_lora(tiny.llama()).save(tmp_path / "l.safetensors")
     with pytest.raises(ValueError, match="different base"):
         ml.merge_checkpoint(base, tmp_path / "l.safetensors", tmp_path / "out", check_base="raise")
     with pytest.raises(ValueError, match="check_base"):
@@ -175,7 +155,7 @@ def test_another_base_raises_for_pissa_and_on_request(tmp_path):
 def test_existing_out_dir_is_refused_unless_overwrite(tmp_path):
     model = tiny.gpt2()
     base = _save_base(model, tmp_path / "base")
-    _lora(model).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(model).save(tmp_path / "a.safetensors")
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
@@ -196,7 +176,7 @@ def test_existing_out_dir_is_refused_unless_overwrite(tmp_path):
 def test_failure_on_the_last_shard_leaves_no_folder_and_keeps_the_old_one(tmp_path, monkeypatch):
     model = tiny.llama()
     base = _save_base(model, tmp_path / "base")
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     lora.save(tmp_path / "a.safetensors")
     out = tmp_path / "out"
     ml.merge_checkpoint(base, tmp_path / "a.safetensors", out, c=0.5)
@@ -216,21 +196,23 @@ def test_failure_on_the_last_shard_leaves_no_folder_and_keeps_the_old_one(tmp_pa
     assert _nothing_written(tmp_path, "base", "a.safetensors", "out")
 
 
-def test_non_finite_merge_in_fp16_writes_nothing(tmp_path):
-    model = tiny.llama().half()
+@pytest.mark.parametrize(
+    ("build", "lora_kw", "match"),
+    [
+        (lambda: tiny.llama().half(), {"std": 1e6}, "not finite in torch.float16"),  # ΔW > fp16
+        (
+            tiny.gpt2,
+            {"targets": ["lm_head"], "exclude": ()},
+            "lm_head.*tied to the input embedding",
+        ),
+    ],
+    ids=["non_finite_in_fp16", "tied_lm_head"],
+)
+def test_a_merge_that_cannot_be_written_writes_nothing(build, lora_kw, match, tmp_path):
+    model = build()
     base = _save_base(model, tmp_path / "base")
-    lora = _lora(model, std=1e6)  # ΔW far beyond fp16's range
-    lora.save(tmp_path / "a.safetensors")
-    with pytest.raises(ml.MergeError, match="not finite in torch.float16"):
-        ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "out")
-    assert _nothing_written(tmp_path, "base", "a.safetensors")
-
-
-def test_tied_lm_head_is_refused(tmp_path):
-    model = tiny.gpt2()
-    base = _save_base(model, tmp_path / "base")
-    _lora(model, targets=["lm_head"], exclude=()).save(tmp_path / "a.safetensors")
-    with pytest.raises(ml.MergeError, match="lm_head.*tied to the input embedding"):
+    tiny.signed_lora(model, **lora_kw).save(tmp_path / "a.safetensors")
+    with pytest.raises(ml.MergeError, match=match):
         ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "out")
     assert _nothing_written(tmp_path, "base", "a.safetensors")
 
@@ -241,7 +223,7 @@ def test_square_weights_need_the_model_class(tmp_path):
     config = json.loads((base / "config.json").read_text())
     config["architectures"] = ["NoSuchModel"]
     (base / "config.json").write_text(json.dumps(config))
-    _lora(model).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(model).save(tmp_path / "a.safetensors")
     with pytest.raises(ml.MergeError, match="orientation of square weight"):
         ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "out")
     assert _nothing_written(tmp_path, "base", "a.safetensors")
@@ -250,7 +232,7 @@ def test_square_weights_need_the_model_class(tmp_path):
 def test_folder_without_safetensors_is_refused(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
-    _lora(tiny.llama()).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(tiny.llama()).save(tmp_path / "a.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         ml.merge_checkpoint(tmp_path / "base", tmp_path / "a.safetensors", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -259,7 +241,7 @@ def test_folder_without_safetensors_is_refused(tmp_path):
 
 
 def test_bad_adapter_files_are_refused(llama, tmp_path):
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     lora.save(tmp_path / "a.safetensors")
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -278,16 +260,10 @@ def test_bad_adapter_files_are_refused(llama, tmp_path):
 
 
 def test_adapter_metadata_must_fit_the_tensors(llama, tmp_path):
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     lora.save(tmp_path / "a.safetensors")
-    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(tmp_path / "a.safetensors"))
     first = lora.layout.names[0]
-    shapes = json.loads(meta["shapes"])
-    shapes[first][2] = 3  # the metadata claims rank 3, the tensors have rank 4
-    edited = sealed({**meta, "shapes": json.dumps(shapes)}, tensors)
-    save_file(tensors, str(tmp_path / "b.safetensors"), edited)
+    claiming_rank(tmp_path / "a.safetensors", tmp_path / "b.safetensors", first, 3)  # tensors: 4
     with pytest.raises(ValueError, match=rf"{first}.*lora_A \(4, 32\).*metadata says r=3"):
         read_factors(tmp_path / "b.safetensors")
     legacy = {"A.x": torch.zeros(2, 4), "B.x": torch.zeros(4, 2)}

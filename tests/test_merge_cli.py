@@ -13,6 +13,7 @@ from peft import PeftModel
 
 from experiments.merge import main
 from tests import tiny
+from tests.helpers import logits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,18 +30,13 @@ def saved(tmp_path):
     return tmp_path / "base", tmp_path / "a.safetensors", hooked
 
 
-def _logits(model):
-    with torch.no_grad():
-        return model(tiny.tokens()).logits
-
-
 def test_merged_folder_at_the_deployed_c(saved, tmp_path, capsys):
     base, adapter, hooked = saved
     out = tmp_path / "merged"
     argv = ["--model", str(base), "--adapter", str(adapter), "--out", str(out), "--c", "deployed"]
     assert main(argv) == 0
     assert "merged 8/8 lora targets at c=-1.25" in capsys.readouterr().out
-    torch.testing.assert_close(_logits(tf.AutoModelForCausalLM.from_pretrained(str(out))), hooked)
+    torch.testing.assert_close(logits(tf.AutoModelForCausalLM.from_pretrained(str(out))), hooked)
 
 
 def test_peft_folder(saved, tmp_path):
@@ -51,7 +47,7 @@ def test_peft_folder(saved, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice for Conv1D
         peft_model = PeftModel.from_pretrained(tiny.gpt2(), str(out))
-    torch.testing.assert_close(_logits(peft_model), hooked)
+    torch.testing.assert_close(logits(peft_model), hooked)
     with pytest.raises(FileExistsError):
         main([*argv, "--format", "peft"])
     assert main([*argv, "--format", "peft", "--overwrite"]) == 0
@@ -77,4 +73,4 @@ def test_module_entry_point_runs(saved, tmp_path):
     cmd += ["--adapter", str(adapter), "--out", str(out), "--c", "-1.25"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    torch.testing.assert_close(_logits(tf.AutoModelForCausalLM.from_pretrained(str(out))), hooked)
+    torch.testing.assert_close(logits(tf.AutoModelForCausalLM.from_pretrained(str(out))), hooked)

@@ -13,11 +13,7 @@ from torch import nn
 
 import modlora as ml
 from tests import tiny
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
+from tests.helpers import logits
 
 
 @pytest.mark.parametrize("kind", ["lora", "pissa"])
@@ -62,22 +58,22 @@ def test_torch_to_train_eval_work_on_the_adapter(llama):
     lora.eval().to(torch.float64)
     assert all(p.dtype == torch.float64 for p in lora.parameters())
     with lora(llama, c=1.0):
-        y64 = _logits(llama, x)  # fp32 layers, fp64 adapter: the hook casts both ways
+        y64 = logits(llama, x)  # fp32 layers, fp64 adapter: the hook casts both ways
     lora.to(torch.float32)
     with lora(llama, c=1.0):
-        torch.testing.assert_close(_logits(llama, x), y64)
+        torch.testing.assert_close(logits(llama, x), y64)
 
 
 def test_model_train_turns_on_the_attached_adapters_dropout(llama):
     x = tiny.tokens()
     lora = tiny.signed_lora(llama, dropout=0.5)
     with lora(llama, c=1.0):
-        first = _logits(llama, x)
+        first = logits(llama, x)
         llama.train()  # the parts are submodules of the model now
         assert lora.part(lora.layout.names[0]).training
-        assert not torch.equal(_logits(llama, x), first)
+        assert not torch.equal(logits(llama, x), first)
         llama.eval()
-        assert torch.equal(_logits(llama, x), first)
+        assert torch.equal(logits(llama, x), first)
 
 
 def test_an_optimizer_built_from_the_model_trains_the_adapter(llama):
@@ -96,35 +92,35 @@ def test_an_optimizer_built_from_the_model_trains_the_adapter(llama):
 
 def test_deepcopy_of_an_attached_model_is_independent(llama):
     x = tiny.tokens()
-    base = _logits(llama, x)
+    base = logits(llama, x)
     lora = tiny.signed_lora(llama)
     lora.attach(llama, c=1.0)
-    hooked = _logits(llama, x)
+    hooked = logits(llama, x)
     twin = copy.deepcopy(llama)
     (twin_lora,) = ml.find_adapters(twin)
     assert twin_lora is not lora and twin_lora.model is twin and twin_lora.attached
     assert not {id(p) for p in twin.parameters()} & {id(p) for p in llama.parameters()}
-    assert torch.equal(_logits(twin, x), hooked)
+    assert torch.equal(logits(twin, x), hooked)
     lora.set_coeff(-1.0)  # the original's c does not reach the copy
-    assert torch.equal(_logits(twin, x), hooked)
+    assert torch.equal(logits(twin, x), hooked)
     twin_lora.detach()
-    assert torch.equal(_logits(twin, x), base)
+    assert torch.equal(logits(twin, x), base)
     assert ml.find_adapters(twin) == [] and twin_lora.part(twin_lora.layout.names[0]) is not None
-    assert not torch.equal(_logits(llama, x), base)  # the original is still attached
+    assert not torch.equal(logits(llama, x), base)  # the original is still attached
     lora.detach()
-    assert torch.equal(_logits(llama, x), base)
+    assert torch.equal(logits(llama, x), base)
 
 
 def test_deepcopy_of_the_adapter_alone_is_a_detached_twin_on_the_same_model(llama):
     x = tiny.tokens()
     lora = tiny.signed_lora(llama)
     with lora(llama, c=1.0):
-        expected = _logits(llama, x)
+        expected = logits(llama, x)
         twin = copy.deepcopy(lora)
     assert twin.model is llama and not twin.attached
     assert not {id(p) for p in twin.parameters()} & {id(p) for p in lora.parameters()}
     with twin(llama, c=1.0):
-        assert torch.equal(_logits(llama, x), expected)
+        assert torch.equal(logits(llama, x), expected)
 
 
 def test_wrappers_are_looked_through(llama):

@@ -5,51 +5,16 @@ Tiny Mixtral, Qwen3-MoE, OLMoE — ``(E, d_out, d_in)`` with ``F.linear`` — an
 ``W_e += c · scale · B_e @ A_e`` written into its weights by hand.
 """
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import modlora as ml
 from tests import tiny
-from tests.checkpoint_files import sealed
+from tests.checkpoint_files import claiming_rank, rewrite
+from tests.helpers import assert_each_row_alone, hand_merged, logits, randomized
 
 ARCHS = list(tiny.MOE_BUILDERS)
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def _signed(adapter, std=0.1, seed=3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0.0, std)
-    return adapter
-
-
-def _hand_merged(model, adapter, c):
-    """``model`` with ``adapter``'s delta at ``c`` added to every weight by hand (independent of
-    modlora's merge): ``W += c·scale·B@A``, per expert, in the stored orientation."""
-    edited = copy.deepcopy(model)
-    for other in ml.find_adapters(edited):
-        other.detach()
-    modules = dict(edited.named_modules())
-    with torch.no_grad():
-        for name, part in adapter.named_parts():
-            a, b, scale = part.factors()
-            delta = c * scale * torch.matmul(b.float(), a.float())  # ([E,] d_out, d_in)
-            target = adapter.layout[name]
-            if target.param is None:
-                weight = modules[name].weight
-            else:
-                owner, _, param = name.rpartition(".")
-                weight = getattr(modules[owner], param)
-            weight += delta.mT if target.transposed else delta
-    return edited
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -80,26 +45,26 @@ def test_all_linear_includes_every_fused_expert_weight(arch):
 @pytest.mark.parametrize("kind", ["lora", "pissa"])
 def test_hooked_equals_hand_merged_and_c0_is_the_base(arch, kind):
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens()
-    base = _logits(model, x)
+    base = logits(model, x)
     if kind == "lora":
-        adapter = _signed(ml.ModulatedLoRA(model, r=2, init="signed"))
+        adapter = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
     else:
-        adapter = _signed(ml.ModulatedPiSSA(model, r=2), std=0.5)
+        adapter = randomized(ml.ModulatedPiSSA(model, r=2), std=0.5)
     part = adapter.part(next(t.name for t in adapter.layout if t.experts))
     assert part.factors()[0].shape[0] == 4  # per-expert factors
     with adapter(model, c=0.0):
-        assert torch.equal(_logits(model, x), base)
+        assert torch.equal(logits(model, x), base)
     with adapter(model, c=-1.5):
-        hooked = _logits(model, x)
-    torch.testing.assert_close(hooked, _logits(_hand_merged(model, adapter, -1.5), x))
+        hooked = logits(model, x)
+    torch.testing.assert_close(hooked, logits(hand_merged(model, [(adapter, -1.5)]), x))
     assert not torch.allclose(hooked, base)
-    assert torch.equal(_logits(model, x), base)  # detached: the weights are the parameters again
+    assert torch.equal(logits(model, x), base)  # detached: the weights are the parameters again
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_gradients_flow_to_expert_factors_and_match_two_backwards(arch):
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens(batch=2)
-    lora = _signed(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
     lora.train()
     with lora(model, c=torch.tensor([1.0, -1.0])):
         model(x).logits.pow(2).mean().backward()
@@ -116,33 +81,29 @@ def test_gradients_flow_to_expert_factors_and_match_two_backwards(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_per_sample_c_on_fused_experts(arch):
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens(batch=3)
-    lora = _signed(ml.ModulatedLoRA(model, r=2, init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
     cs = torch.tensor([1.0, 0.0, -2.0])
-    with lora(model, c=cs):
-        batched = _logits(model, x)
-    for i, c in enumerate(cs.tolist()):
-        with lora(model, c=c):
-            torch.testing.assert_close(batched[i : i + 1], _logits(model, x[i : i + 1]))
+    assert_each_row_alone(model, lora, x, cs)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_history_and_merge_of_expert_weights(arch):
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens()
-    one = _signed(ml.ModulatedLoRA(model, r=2, init="signed"), seed=1)
-    two = _signed(ml.ModulatedPiSSA(model, r=2, targets=["experts"]), std=0.5, seed=2)
+    one = randomized(ml.ModulatedLoRA(model, r=2, init="signed"), seed=1)
+    two = randomized(ml.ModulatedPiSSA(model, r=2, targets=["experts"]), std=0.5, seed=2)
     hist = ml.HistoryBake(model, [(one, 1.0), (two, -0.5)])
     a, b, _ = hist.part(f"{hist.layout.names[4]}").factors()
     assert a.dim() == 3 and a.shape[-2] == 4  # ranks 2 + 2 concatenated per expert
-    expected = _logits(_hand_merged(_hand_merged(model, one, 1.0), two, -0.5), x)
-    torch.testing.assert_close(_logits(model, x), expected)
+    expected = logits(hand_merged(model, [(one, 1.0), (two, -0.5)]), x)
+    torch.testing.assert_close(logits(model, x), expected)
     hist.remove()
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with one(model, c=0.75):
-        hooked = _logits(model, x)
+        hooked = logits(model, x)
     report = ml.merge(model, one, c=0.75)
     assert report.applied == report.attempted == len(one.layout)
-    torch.testing.assert_close(_logits(model, x), hooked)
+    torch.testing.assert_close(logits(model, x), hooked)
     ml.unmerge(model, one)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -150,16 +111,16 @@ def test_history_and_merge_of_expert_weights(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_identical(arch, tmp_path):
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens()
-    lora = _signed(ml.ModulatedLoRA(model, r=2, init="signed", rank_pattern=None))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed", rank_pattern=None))
     lora.save(tmp_path / "moe.safetensors", c=0.5)
     meta = ml.read_metadata(tmp_path / "moe.safetensors")
     fused = next(t for t in lora.layout if t.experts)
     assert meta["shapes"][fused.name] == [fused.d_in, fused.d_out, 2]
     same = ml.load_adapter(model, tmp_path / "moe.safetensors")
     with lora(model, c=0.5):
-        expected = _logits(model, x)
+        expected = logits(model, x)
     with same(model, c=0.5):
-        assert torch.equal(_logits(model, x), expected)
+        assert torch.equal(logits(model, x), expected)
     other = tiny.MOE_BUILDERS[arch](num_hidden_layers=2, **_other_experts(arch))
     with pytest.raises(ml.CheckpointError, match=r"experts=4\) vs model \(.*experts=8\)"):
         ml.load_adapter(other, tmp_path / "moe.safetensors")
@@ -202,21 +163,17 @@ def test_calibrated_pissa_selects_per_expert():
 def test_per_sample_c_on_flattened_token_inputs(arch):
     """OPT's MLP and Qwen2-MoE's shared expert see (batch·seq, d): rows map to samples."""
     model, x = getattr(tiny, arch)(), tiny.tokens(batch=3)
-    lora = _signed(ml.ModulatedLoRA(model, r=2, init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
     flat = [t.name for t in lora.layout if "fc1" in t.name or "shared_expert." in t.name]
     assert flat
     cs = torch.tensor([0.5, -1.0, 2.0])
-    with lora(model, c=cs):
-        batched = _logits(model, x)
-    for i, c in enumerate(cs.tolist()):
-        with lora(model, c=c):
-            torch.testing.assert_close(batched[i : i + 1], _logits(model, x[i : i + 1]))
+    assert_each_row_alone(model, lora, x, cs)
 
 
 def test_per_sample_c_on_routed_expert_layers_raises_and_scalar_c_works():
     """SwitchTransformers' experts are nn.Linear layers that see only their routed tokens."""
     model = tiny.switch()
-    lora = _signed(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
     assert all(t.routed for t in lora.layout)
     x = tiny.tokens(batch=2)
     kwargs = {"input_ids": x, "decoder_input_ids": x}
@@ -237,18 +194,18 @@ def test_peft_target_parameters_round_trip_with_real_peft(arch, tmp_path):
     from peft import PeftModel
 
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens()
-    lora = _signed(ml.ModulatedLoRA(model, r=2, alpha=4, init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, alpha=4, init="signed"))
     with lora(model, c=0.7):
-        hooked = _logits(model, x)
+        hooked = logits(model, x)
     out = ml.export_peft(lora, tmp_path / "peft", c=0.7)
     config = __import__("json").loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(t.name for t in lora.layout if t.experts)
     peft_model = PeftModel.from_pretrained(tiny.MOE_BUILDERS[arch](), str(out)).eval()
-    torch.testing.assert_close(_logits(peft_model, x), hooked)
+    torch.testing.assert_close(logits(peft_model, x), hooked)
     back = ml.import_peft(tiny.MOE_BUILDERS[arch](), out)
     assert back.layout.names == lora.layout.names
     with back(back.model, c=1.0):
-        torch.testing.assert_close(_logits(back.model, x), hooked)
+        torch.testing.assert_close(logits(back.model, x), hooked)
 
 
 def _save(model, folder, **kw):
@@ -266,9 +223,9 @@ def test_offline_merge_of_a_folder_saved_by_the_model_across_shards(arch, tmp_pa
     import transformers as tf
 
     model, x = tiny.MOE_BUILDERS[arch](), tiny.tokens()
-    lora = _signed(ml.ModulatedLoRA(model, r=2, init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
     with lora(model, c=0.7):
-        hooked = _logits(model, x)
+        hooked = logits(model, x)
     base = _save(model, tmp_path / "base", max_shard_size="20KB")
     shards = set(
         json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values()
@@ -285,7 +242,7 @@ def test_offline_merge_of_a_folder_saved_by_the_model_across_shards(arch, tmp_pa
     )
     assert report.attempted == report.applied == expected
     merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
-    torch.testing.assert_close(_logits(merged, x), hooked)
+    torch.testing.assert_close(logits(merged, x), hooked)
 
 
 @pytest.mark.slow
@@ -294,9 +251,9 @@ def test_offline_merge_of_fused_keys_and_of_an_unrecognised_layout(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, x = tiny.mixtral(), tiny.tokens()
-    lora = _signed(ml.ModulatedLoRA(model, r=2, init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
     with lora(model, c=-1.0):
-        hooked = _logits(model, x)
+        hooked = logits(model, x)
     lora.save(tmp_path / "a.safetensors")
     fused = tmp_path / "fused"  # the model's own (fused) names on disk
     fused.mkdir()
@@ -306,7 +263,7 @@ def test_offline_merge_of_fused_keys_and_of_an_unrecognised_layout(tmp_path):
     report = ml.merge_checkpoint(fused, tmp_path / "a.safetensors", tmp_path / "out", c=-1.0)
     assert report.applied == len(lora.layout)
     merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
-    torch.testing.assert_close(_logits(merged, x), hooked)
+    torch.testing.assert_close(logits(merged, x), hooked)
 
     broken = _save(model, tmp_path / "broken")  # one expert's weight missing on disk
     weights = load_file(str(broken / "model.safetensors"))
@@ -318,29 +275,21 @@ def test_offline_merge_of_fused_keys_and_of_an_unrecognised_layout(tmp_path):
 
 
 def test_expert_factors_are_validated_on_load(tmp_path):
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     model = tiny.mixtral()
-    lora = _signed(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, targets=["experts"], init="signed"))
     lora.save(tmp_path / "a.safetensors")
-    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(tmp_path / "a.safetensors"))
     name = lora.layout.names[0]
-    shapes = json.loads(meta["shapes"])
-    shapes[name][2] = 3  # the metadata claims rank 3; A (E, 2, d_in) and B (E, d_out, 2) say 2
-    edited = sealed({**meta, "shapes": json.dumps(shapes)}, tensors)  # as a writer made it
-    save_file(tensors, str(tmp_path / "r.safetensors"), edited)
+    # The metadata claims rank 3; A (E, 2, d_in) and B (E, d_out, 2) say 2.
+    claiming_rank(tmp_path / "a.safetensors", tmp_path / "r.safetensors", name, 3)
     with pytest.raises(
         ml.CheckpointError, match=rf"{name}.*lora_A \(4, 2, 32\).*metadata says r=3"
     ):
         ml.load_adapter(model, tmp_path / "r.safetensors")
-    fewer = dict(tensors)
-    fewer[f"{name}.lora_B"] = tensors[f"{name}.lora_B"][:3]  # 3 experts' B, 4 experts' A
-    save_file(fewer, str(tmp_path / "e.safetensors"), sealed(meta, fewer))
+    b = load_file(str(tmp_path / "a.safetensors"))[f"{name}.lora_B"]
+    fewer = {f"{name}.lora_B": b[:3]}  # 3 experts' B, 4 experts' A
+    rewrite(tmp_path / "a.safetensors", tmp_path / "e.safetensors", tensors=fewer)
     with pytest.raises(ml.CheckpointError, match=rf"{name}.*expert counts differ \(4 vs 3\)"):
         ml.load_adapter(model, tmp_path / "e.safetensors")
     assert not ml.find_adapters(model)

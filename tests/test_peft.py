@@ -11,6 +11,7 @@ from torch import nn
 
 import modlora as ml
 from tests import tiny
+from tests.helpers import assert_same_state, logits, model_state, randomized
 
 
 @pytest.fixture(autouse=True)
@@ -20,39 +21,11 @@ def _quiet():
         yield
 
 
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def _weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _untouched(model, before):
-    now = model.state_dict()
-    hooks = any(m._forward_hooks for m in model.modules())
-    return not hooks and all(torch.equal(now[k], before[k]) for k in before)
-
-
 def _lora(model):
     """LoRA on a depth band with one target at another rank and alpha."""
     names = ml.find_targets(model, layer_range=(1, 3)).names
-    torch.manual_seed(3)
-    lora = ml.ModulatedLoRA(
-        model,
-        r=4,
-        alpha=8,
-        layer_range=(1, 3),
-        init="signed",
-        rank_pattern={names[0]: 2, names[3]: 6},
-        alpha_pattern={names[3]: 3.0},
-    )
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    return lora
+    ranks, alphas = {names[0]: 2, names[3]: 6}, {names[3]: 3.0}
+    return tiny.signed_lora(model, layer_range=(1, 3), rank_pattern=ranks, alpha_pattern=alphas)
 
 
 def _pissa(model):
@@ -64,11 +37,7 @@ def _pissa(model):
         k = 2 if i % 2 else 4
         factors[name] = (u[:, :k], s[:k], vh[:k])
     pissa = ml.ModulatedPiSSA.from_factors(model, factors, r=4, layer_range=(1, 3))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for _, p in pissa.named_parameters():
-            p.normal_(0, 0.3)
-    return pissa
+    return randomized(pissa, std=0.3, seed=4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -78,8 +47,8 @@ def test_peft_loads_the_export_to_the_hooked_logits(arch, kind, c, tmp_path):
     x = tiny.tokens()
     adapter = {"lora": _lora, "pissa": _pissa}[kind](model)
     with adapter(model, c=c):
-        hooked = _logits(model, x)
-    assert not torch.equal(hooked, _logits(model, x))
+        hooked = logits(model, x)
+    assert not torch.equal(hooked, logits(model, x))
 
     out = ml.export_peft(adapter, tmp_path / "peft", c=c)
 
@@ -95,17 +64,17 @@ def test_peft_loads_the_export_to_the_hooked_logits(arch, kind, c, tmp_path):
     if kind == "pissa":  # exact rank-r LoRA: scaling alpha / r = 1 on every target
         assert config["lora_alpha"] == 4 and config["alpha_pattern"] == config["rank_pattern"]
     peft_model = PeftModel.from_pretrained(tiny.BUILDERS[arch](), str(out))
-    torch.testing.assert_close(_logits(peft_model, x), hooked)
+    torch.testing.assert_close(logits(peft_model, x), hooked)
 
 
 def test_history_exports_as_one_lora(llama, tmp_path):
     x = tiny.tokens()
     hist = ml.HistoryBake(llama, [(_lora(llama), 1.0), (_pissa(llama), -2.0)], attach=False)
     with hist(llama, c=0.5):
-        hooked = _logits(llama, x)
+        hooked = logits(llama, x)
     out = ml.export_peft(hist, tmp_path / "peft", c=0.5)
     peft_model = PeftModel.from_pretrained(tiny.llama(), str(out))
-    torch.testing.assert_close(_logits(peft_model, x), hooked)
+    torch.testing.assert_close(logits(peft_model, x), hooked)
 
 
 def test_export_import_round_trip_scales_with_c(gpt2, tmp_path):
@@ -114,13 +83,13 @@ def test_export_import_round_trip_scales_with_c(gpt2, tmp_path):
     ml.export_peft(lora, tmp_path / "peft", c=2.0)
     back = ml.import_peft(gpt2, tmp_path / "peft")
     with lora(gpt2, c=2.0):
-        hooked = _logits(gpt2, x)
+        hooked = logits(gpt2, x)
     with back(gpt2, c=1.0):
-        torch.testing.assert_close(_logits(gpt2, x), hooked)
+        torch.testing.assert_close(logits(gpt2, x), hooked)
     with lora(gpt2, c=-1.0):
-        hooked = _logits(gpt2, x)
+        hooked = logits(gpt2, x)
     with back(gpt2, c=-0.5):
-        torch.testing.assert_close(_logits(gpt2, x), hooked)
+        torch.testing.assert_close(logits(gpt2, x), hooked)
 
 
 def test_export_refuses_an_existing_folder(llama, tmp_path):
@@ -188,7 +157,7 @@ def _peft_folder(arch, tmp_path, **config):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     peft_model.save_pretrained(str(tmp_path / "saved"))
-    return tmp_path / "saved", _logits(peft_model, tiny.tokens())
+    return tmp_path / "saved", logits(peft_model, tiny.tokens())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -201,13 +170,13 @@ def test_import_reproduces_peft_logits(arch, rslora, tmp_path):
     )
     model = tiny.BUILDERS[arch]()
     x = tiny.tokens()
-    base = _logits(model, x)
+    base = logits(model, x)
     lora = ml.import_peft(model, folder)
     assert set(lora.ranks().values()) == {4, 2}
     with lora(model, c=1.0):
-        torch.testing.assert_close(_logits(model, x), expected)
+        torch.testing.assert_close(logits(model, x), expected)
     with lora(model, c=0.0):
-        assert torch.equal(_logits(model, x), base)
+        assert torch.equal(logits(model, x), base)
 
 
 def _edit_config(folder, **changes):
@@ -233,28 +202,28 @@ def test_import_refuses_what_it_cannot_represent(changes, message, tmp_path):
     folder, _ = _peft_folder("llama", tmp_path)
     _edit_config(folder, **changes)
     model = tiny.llama()
-    before = _weights(model)
+    before = model_state(model)
     with pytest.raises(ValueError, match=message):
         ml.import_peft(model, folder)
-    assert _untouched(model, before)
+    assert_same_state(model, before)
 
 
 def test_import_refuses_a_real_dora_folder(tmp_path):
     folder, _ = _peft_folder("llama", tmp_path, use_dora=True)
     model = tiny.llama()
-    before = _weights(model)
+    before = model_state(model)
     with pytest.raises(ValueError, match="DoRA"):
         ml.import_peft(model, folder)
-    assert _untouched(model, before)
+    assert_same_state(model, before)
 
 
 def test_import_refuses_modules_to_save_weights(tmp_path):
     folder, _ = _peft_folder("llama", tmp_path, modules_to_save=["lm_head"])
     model = tiny.llama()
-    before = _weights(model)
+    before = model_state(model)
     with pytest.raises(ValueError, match=r"tensors a plain LoRA does not have.*lm_head"):
         ml.import_peft(model, folder)
-    assert _untouched(model, before)
+    assert_same_state(model, before)
 
 
 def test_import_refuses_other_peft_types(tmp_path):
@@ -269,27 +238,27 @@ def test_import_refuses_other_peft_types(tmp_path):
 def test_import_refuses_unknown_tensors_and_missing_layers(tmp_path):
     folder, _ = _peft_folder("llama", tmp_path)
     model = tiny.gpt2()  # an adapter for another architecture
-    before = _weights(model)
+    before = model_state(model)
     with pytest.raises(
         ValueError, match=r"GPT2LMHeadModel: 12 target\(s\) missing.*no module 'model.layers.0"
     ):
         ml.import_peft(model, folder)
-    assert _untouched(model, before)
-    weights = folder / "adapter_model.safetensors"
-    state = load_file(str(weights))
+    assert_same_state(model, before)
+    adapter_file = folder / "adapter_model.safetensors"
+    state = load_file(str(adapter_file))
     state["base_model.model.model.norm.weight"] = torch.ones(32)
-    save_file(state, str(weights))
+    save_file(state, str(adapter_file))
     with pytest.raises(ValueError, match=r"model.norm.weight"):
         ml.import_peft(tiny.llama(), folder)
 
 
 def test_import_refuses_non_linear_targets_and_wrapped_models(tmp_path):
     folder, _ = _peft_folder("llama", tmp_path)
-    weights = folder / "adapter_model.safetensors"
-    state = load_file(str(weights))
+    adapter_file = folder / "adapter_model.safetensors"
+    state = load_file(str(adapter_file))
     state["base_model.model.model.embed_tokens.lora_A.weight"] = torch.zeros(4, 97)
     state["base_model.model.model.embed_tokens.lora_B.weight"] = torch.zeros(32, 4)
-    save_file(state, str(weights))
+    save_file(state, str(adapter_file))
     with pytest.raises(ValueError, match="embed_tokens.*is a Embedding"):
         ml.import_peft(tiny.llama(), folder)
     wrapped = get_peft_model(tiny.llama(), LoraConfig(r=2, target_modules=["q_proj"]))

@@ -21,36 +21,16 @@ from modlora.checkpoint.write import clean_stale, temp_path
 from modlora.training_state import STATE_FILE, resume_training, save_training_state
 from tests import tiny
 from tests.checkpoint_files import rewrite
+from tests.helpers import (
+    assert_same_state,
+    logits,
+    model_state,
+    same_weights,
+    signed_pissa,
+    weights,
+)
 
 X = tiny.tokens()
-
-
-def _lora(model, **kw):
-    return tiny.signed_lora(model, **kw)
-
-
-def _logits(model, x=X):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def _state(model):
-    """Everything a failure must leave as it was: weights, flags, hooks, submodules."""
-    return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
-        [n for n, _ in model.named_modules()],
-    )
-
-
-def _assert_same_state(model, before):
-    weights, flags, hooks, names = _state(model)
-    assert weights.keys() == before[0].keys()
-    assert all(torch.equal(weights[k], before[0][k]) for k in weights), "weights changed"
-    assert flags == before[1], "requires_grad changed"
-    assert hooks == before[2], "hooks left behind"
-    assert names == before[3], "modules left behind"
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -68,7 +48,7 @@ def test_1_overwrite_never_deletes_what_modlora_did_not_write(tmp_path, monkeypa
     parent = tmp_path / "models"
     base = _base_folder(model, parent / "base")
     (parent / "sibling.txt").write_text("keep me")
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     lora.save(tmp_path / "a.safetensors")
     everything = _tree(tmp_path)
 
@@ -99,21 +79,21 @@ def test_1_overwrite_never_deletes_what_modlora_did_not_write(tmp_path, monkeypa
 
 # ---------------------------------------------------------------------------- 2
 def test_2_a_merged_delta_is_never_applied_again(llama, tmp_path):
-    base = _logits(llama)
-    lora = _lora(llama)
+    base = logits(llama)
+    lora = tiny.signed_lora(llama)
     ml.merge(llama, lora, c=1.0)
-    merged = _logits(llama)
+    merged = logits(llama)
     lora.save(tmp_path / "a.safetensors")
     twin = ml.load_adapter(llama, tmp_path / "a.safetensors")
-    before = _state(llama)
+    before = model_state(llama)
     with pytest.raises(ml.AdapterStateError, match="already merged.*apply twice"), twin(llama):
         pass
     with pytest.raises(ml.AdapterStateError, match="already merged"):
         ml.merge(llama, twin)
     with pytest.raises(ml.AdapterStateError, match="already merged"):
         ml.HistoryBake(llama, [(twin, 1.0)])
-    _assert_same_state(llama, before)
-    assert torch.equal(_logits(llama), merged)
+    assert_same_state(llama, before)
+    assert torch.equal(logits(llama), merged)
 
     clone = copy.deepcopy(llama)  # the record travels with the weights it describes
     twin2 = ml.load_adapter(clone, tmp_path / "a.safetensors")
@@ -121,27 +101,21 @@ def test_2_a_merged_delta_is_never_applied_again(llama, tmp_path):
         pass
     (entry,) = merged_deltas(clone)
     ml.unmerge(clone, entry.adapter)
-    assert torch.equal(_logits(clone), base)
+    assert torch.equal(logits(clone), base)
     with twin2(clone, c=1.0):
-        torch.testing.assert_close(_logits(clone), merged)
+        torch.testing.assert_close(logits(clone), merged)
 
     ml.unmerge(llama, lora)
     with twin(llama, c=1.0):  # once unmerged, the copy attaches
-        torch.testing.assert_close(_logits(llama), merged)
+        torch.testing.assert_close(logits(llama), merged)
 
 
 # ---------------------------------------------------------------------------- 3
-def _pissa(model):
-    pissa = ml.ModulatedPiSSA(model, r=2, targets=("q_proj",))
-    with torch.no_grad():
-        for p in pissa.parameters():
-            p.normal_(0, 0.3)
-    return pissa
 
 
 def test_3_resume_checks_optimizer_class_base_and_extra_and_keeps_the_old_state(tmp_path):
     model = tiny.llama()
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     sgd = torch.optim.SGD(lora.parameters(), lr=0.1, momentum=0.9)
     lora.train()
     with lora(model, c=1.0):
@@ -150,12 +124,12 @@ def test_3_resume_checks_optimizer_class_base_and_extra_and_keeps_the_old_state(
     folder = save_training_state(tmp_path / "state", lora, sgd, step=1, extra={"best": 1.0})
     good = _tree(folder)
 
-    fresh = _lora(tiny.llama())
+    fresh = tiny.signed_lora(tiny.llama())
     adamw = torch.optim.AdamW(fresh.parameters())
-    weights = {k: v.clone() for k, v in fresh.state_dict().items()}
+    before = weights(fresh)
     with pytest.raises(ValueError, match="optimizer is a torch.optim.sgd.SGD"):
         resume_training(folder, fresh, adamw)
-    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in weights.items())
+    assert same_weights(fresh, before)
     sgd2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     assert resume_training(folder, fresh, sgd2).step == 1
     sgd2.step()  # the restored momentum buffers work
@@ -166,7 +140,7 @@ def test_3_resume_checks_optimizer_class_base_and_extra_and_keeps_the_old_state(
         save_training_state(tmp_path / "new", lora, sgd, step=2, extra={"run": Path("runs/1")})
     assert _tree(folder) == good and not (tmp_path / "new").exists()
 
-    pissa = _pissa(model)
+    pissa = signed_pissa(model, r=2, targets=("q_proj",))
     opt = torch.optim.AdamW(pissa.parameters())
     pfolder = save_training_state(tmp_path / "pissa", pissa, opt)
     other = tiny.llama(seed=1)  # another base: its U, S, Vh would be the wrong SVD
@@ -177,7 +151,7 @@ def test_3_resume_checks_optimizer_class_base_and_extra_and_keeps_the_old_state(
 
 def test_3_a_failed_save_keeps_the_previous_state(tmp_path, monkeypatch):
     model = tiny.llama()
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     opt = torch.optim.AdamW(lora.parameters())
     folder = save_training_state(tmp_path / "state", lora, opt, step=1)
     good = _tree(folder)
@@ -193,14 +167,14 @@ def test_3_a_failed_save_keeps_the_previous_state(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert _tree(folder) == good
     assert sorted(os.listdir(tmp_path)) == ["state"]  # no temporary folder left
-    fresh = _lora(tiny.llama())
+    fresh = tiny.signed_lora(tiny.llama())
     assert resume_training(folder, fresh, torch.optim.AdamW(fresh.parameters())).step == 1
 
 
 # ---------------------------------------------------------------------------- 4
 def test_4_a_failed_import_peft_leaves_the_model_as_it_was(tmp_path, monkeypatch):
     model = tiny.llama()
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     ml.export_peft(lora, tmp_path / "peft")
     weights = tmp_path / "peft" / "adapter_model.safetensors"
     state = load_file(str(weights))
@@ -209,10 +183,10 @@ def test_4_a_failed_import_peft_leaves_the_model_as_it_was(tmp_path, monkeypatch
     save_file(state, str(weights))
     fresh = tiny.llama()
     fresh.requires_grad_(True)
-    before = _state(fresh)
+    before = model_state(fresh)
     with pytest.raises(CheckpointError, match=r"non-finite values \(NaN/inf\)"):
         ml.import_peft(fresh, tmp_path / "peft")
-    _assert_same_state(fresh, before)
+    assert_same_state(fresh, before)
 
     ml.export_peft(lora, tmp_path / "peft", overwrite=True)
 
@@ -222,7 +196,7 @@ def test_4_a_failed_import_peft_leaves_the_model_as_it_was(tmp_path, monkeypatch
     monkeypatch.setattr(ml.ModulatedLoRA, "load_target_tensors", boom)
     with pytest.raises(RuntimeError, match="out of memory"):  # after the adapter was built
         ml.import_peft(fresh, tmp_path / "peft")
-    _assert_same_state(fresh, before)
+    assert_same_state(fresh, before)
     assert sum(p.requires_grad for p in fresh.parameters()) == len(list(fresh.parameters()))
 
 
@@ -237,7 +211,7 @@ def test_4_a_failed_import_peft_leaves_the_model_as_it_was(tmp_path, monkeypatch
 def test_5_merge_checkpoint_refuses_what_load_adapter_refuses(meta, match, tmp_path):
     model = tiny.llama()
     base = _base_folder(model, tmp_path / "base")
-    _lora(model).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(model).save(tmp_path / "a.safetensors")
     bad = rewrite(tmp_path / "a.safetensors", tmp_path / "bad.safetensors", meta=meta)
     with pytest.raises(CheckpointError, match=match):
         ml.load_adapter(model, bad)
@@ -252,7 +226,7 @@ def test_5_legacy_files_with_a_negative_alpha_are_refused_by_every_reader(tmp_pa
     model = tiny.llama()
     base = _base_folder(model, tmp_path / "base")
     path = tmp_path / "seed.safetensors"
-    lora = _lora(model, r=2, targets=("q_proj",))
+    lora = tiny.signed_lora(model, r=2, targets=("q_proj",))
     save_legacy_lora(path, lora_factors(lora), r=2, alpha=-4.0, targets=("q_proj",))
     for read in (
         lambda: ml.load_adapter(model, path),
@@ -265,9 +239,9 @@ def test_5_legacy_files_with_a_negative_alpha_are_refused_by_every_reader(tmp_pa
 # ---------------------------------------------------------------------------- 6
 def test_6_a_pissa_saved_after_a_merge_names_its_own_base(tmp_path):
     model = tiny.llama()
-    pissa = _pissa(model)
+    pissa = signed_pissa(model, r=2, targets=("q_proj",))
     pissa.save(tmp_path / "before.safetensors")
-    ml.merge(model, _lora(model), c=1.0)
+    ml.merge(model, tiny.signed_lora(model), c=1.0)
     pissa.save(tmp_path / "after.safetensors")
     before = ml.read_metadata(tmp_path / "before.safetensors")
     after = ml.read_metadata(tmp_path / "after.safetensors")
@@ -276,7 +250,7 @@ def test_6_a_pissa_saved_after_a_merge_names_its_own_base(tmp_path):
     own_base = tiny.llama()  # the same seed: the unmerged base
     loaded = ml.load_adapter(own_base, tmp_path / "after.safetensors")  # PiSSA: raise policy
     with loaded(own_base, c=1.0), pissa(model, c=0.0):
-        assert torch.isfinite(_logits(own_base)).all()
+        assert torch.isfinite(logits(own_base)).all()
     ml.load_adapter(model, tmp_path / "after.safetensors")  # and on the merged model itself
 
 
@@ -286,7 +260,7 @@ def test_7_an_interrupted_folder_swap_keeps_the_old_output(tmp_path, monkeypatch
 
     model = tiny.llama()
     base = _base_folder(model, tmp_path / "base")
-    _lora(model).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(model).save(tmp_path / "a.safetensors")
     out = tmp_path / "out"
     ml.merge_checkpoint(base, tmp_path / "a.safetensors", out, c=0.5)
     old = _tree(out)
@@ -318,7 +292,7 @@ def test_7_stale_temporary_files_of_dead_writers_are_cleaned(tmp_path):
     mine.write_bytes(b"in progress")
     other = tmp_path / ".b.safetensors.modlora-00000000-999999999-00000000.tmp"
     other.write_bytes(b"another destination's")  # not ours to clean
-    _lora(tiny.llama()).save(target)
+    tiny.signed_lora(tiny.llama()).save(target)
     assert not dead.exists() and mine.exists() and other.exists()
     assert clean_stale(tmp_path / "folder") == [dead_dir]
 
@@ -347,7 +321,7 @@ def _header_edit(path, dst, edit):
     ],
 )
 def test_8_malformed_headers_raise_a_checkpoint_error_naming_the_file(edit, llama, tmp_path):
-    _lora(llama).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(llama).save(tmp_path / "a.safetensors")
     bad = _header_edit(tmp_path / "a.safetensors", tmp_path / "bad.safetensors", edit)
     with pytest.raises(CheckpointError, match="bad.safetensors: not a safetensors file"):
         ml.load_adapter(llama, bad)
@@ -355,7 +329,7 @@ def test_8_malformed_headers_raise_a_checkpoint_error_naming_the_file(edit, llam
 
 def test_8_named_errors_for_every_broken_input(tmp_path):
     model = tiny.llama()
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     lora.save(tmp_path / "a.safetensors")
     f8 = {
         k: v.to(torch.float8_e4m3fn) if k.endswith("lora_A") else v
@@ -410,8 +384,8 @@ NAMES_C = r"(coefficient c|parameter 'c'|parameter c=)"
     ],
 )
 def test_8_nonsense_coefficients_are_named(c, error, match, llama, tmp_path):
-    lora = _lora(llama)
-    before = _state(llama)
+    lora = tiny.signed_lora(llama)
+    before = model_state(llama)
     for use in (
         lambda: lora(llama, c=c),
         lambda: lora.set_coeff(c),
@@ -421,14 +395,14 @@ def test_8_nonsense_coefficients_are_named(c, error, match, llama, tmp_path):
     ):
         with pytest.raises(error, match=match):
             use()
-    _assert_same_state(llama, before)
+    assert_same_state(llama, before)
     assert os.listdir(tmp_path) == []
 
 
 def test_8_targets_none_is_named(llama, tmp_path):
     with pytest.raises(TypeError, match="targets"):  # the type hint, or find_targets
         ml.ModulatedLoRA(llama, targets=None)
-    _lora(llama).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(llama).save(tmp_path / "a.safetensors")
     bad = rewrite(tmp_path / "a.safetensors", tmp_path / "b.safetensors", meta={"targets": "null"})
     with pytest.raises(CheckpointError, match="metadata 'targets' is malformed"):
         ml.load_adapter(llama, bad)
@@ -436,7 +410,7 @@ def test_8_targets_none_is_named(llama, tmp_path):
 
 # ---------------------------------------------------------------------------- 9
 def test_9_integrity_gaps_are_caught(llama, tmp_path):
-    pissa = _pissa(llama)
+    pissa = signed_pissa(llama, r=2, targets=("q_proj",))
     pissa.save(tmp_path / "p.safetensors")
     tensors = load_file(str(tmp_path / "p.safetensors"))
     key = next(k for k in tensors if k.endswith(".U"))
@@ -468,7 +442,7 @@ def test_9_integrity_gaps_are_caught(llama, tmp_path):
 def test_10_a_symlinked_checkpoint_stays_a_link(llama, tmp_path):
     real = tmp_path / "runs" / "a.safetensors"
     real.parent.mkdir()
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     lora.save(real, c=1.0)
     link = tmp_path / "latest.safetensors"
     link.symlink_to(real)
@@ -489,7 +463,7 @@ def test_10_layer_range_selects_both_stacks_of_t5():
 
 
 def test_10_extra_meta_comes_back_as_given_or_is_refused(llama, tmp_path):
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     for extra, match in (
         ({"pair": (1, 2)}, r"extra_meta\['pair'\] is a tuple.*use a list"),
         ({"by_step": {3: "x"}}, r"extra_meta\['by_step'\] has the key 3 \(int\)"),
@@ -529,7 +503,7 @@ def test_11_the_cheap_base_fingerprint_sees_a_base_moved_by_1e_3(tmp_path):
         assert ml.checkpoint.sample_fingerprint(w * (1 + 1e-3)) != fp
         assert ml.checkpoint.sample_fingerprint(w.to(torch.bfloat16)) != fp
     model = tiny.llama()
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     lora.save(tmp_path / "a.safetensors")
     moved = tiny.llama()
     with torch.no_grad():
@@ -545,18 +519,18 @@ def test_11_the_cheap_base_fingerprint_sees_a_base_moved_by_1e_3(tmp_path):
 
 def test_safetensors_reader_is_not_fooled_by_an_unsealed_copy(tmp_path, llama):
     """The raw safetensors bytes of a file stay loadable by safetensors itself."""
-    _lora(llama).save(tmp_path / "a.safetensors")
+    tiny.signed_lora(llama).save(tmp_path / "a.safetensors")
     assert safetensors.torch.load_file(str(tmp_path / "a.safetensors"))
     assert not (tmp_path / MANIFEST).exists()
 
 
 def test_2_a_delta_in_an_attached_history_is_never_attached_again(llama, tmp_path):
-    lora = _lora(llama)
+    lora = tiny.signed_lora(llama)
     lora.attach(llama, c=1.0)
-    before = _state(llama)
+    before = model_state(llama)
     with pytest.raises(ml.AdapterStateError, match="round's delta is already attached"):
         ml.HistoryBake(llama, [(lora, 1.0)])
-    _assert_same_state(llama, before)
+    assert_same_state(llama, before)
     lora.detach()
     hist = ml.HistoryBake(llama, [(lora, 0.5)])
     with pytest.raises(ml.AdapterStateError, match="HistoryBake holding this very delta"):
@@ -576,14 +550,14 @@ def test_2_a_delta_in_an_attached_history_is_never_attached_again(llama, tmp_pat
 def test_2_an_offline_merge_never_merges_a_delta_twice(tmp_path):
     model = tiny.llama()
     base = _base_folder(model, tmp_path / "base")
-    lora = _lora(model)
+    lora = tiny.signed_lora(model)
     lora.save(tmp_path / "a.safetensors")
     ml.merge_checkpoint(base, tmp_path / "a.safetensors", tmp_path / "once")
     lora.save(tmp_path / "copy.safetensors", extra_meta={"renamed": True})  # same tensors
     with pytest.raises(ValueError, match="already holds this delta"):
         ml.merge_checkpoint(tmp_path / "once", tmp_path / "copy.safetensors", tmp_path / "twice")
     assert not (tmp_path / "twice").exists()
-    other = _lora(model, seed=9)
+    other = tiny.signed_lora(model, seed=9)
     other.save(tmp_path / "b.safetensors")
     ml.merge_checkpoint(tmp_path / "once", tmp_path / "b.safetensors", tmp_path / "both")
     with pytest.raises(ValueError, match="already holds this delta"):  # found down the chain
@@ -594,7 +568,7 @@ def test_folder_outputs_get_ordinary_permissions(llama, tmp_path):
     """safetensors creates files 0600; an exported folder is readable like any file (umask)."""
     old = os.umask(0o022)
     try:
-        ml.export_peft(_lora(llama), tmp_path / "peft")
+        ml.export_peft(tiny.signed_lora(llama), tmp_path / "peft")
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "peft").iterdir()}

@@ -11,41 +11,41 @@ import torch
 
 import modlora as ml
 from tests import tiny
+from tests.helpers import same_weights, weights
 
 
-def _base_state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def _args(folder, **kw):
+    from transformers import TrainingArguments
 
-
-def _same(model, before):
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+    defaults = dict(
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
+    )
+    return TrainingArguments(output_dir=str(folder), **{**defaults, **kw})
 
 
 @pytest.mark.slow
 def test_hf_trainer_changes_the_adapter_and_not_the_base(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     model = tiny.llama()
-    before = _base_state(model)
+    before = weights(model)
     lora = ml.ModulatedLoRA(model, r=2)
     start = {k: v.clone() for k, v in lora.state_dict().items()}
     lora.attach(model, c=1.0)
     x = tiny.tokens(batch=8, seq=6)
     data = [{"input_ids": row, "labels": row} for row in x]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = _args(tmp_path, max_steps=3, per_device_train_batch_size=4, save_strategy="no")
     Trainer(model=model, args=args, train_dataset=data).train()
     lora.detach()
-    assert _same(model, before)
+    assert same_weights(model, before)
     changed = [k for k, v in lora.state_dict().items() if not torch.equal(v, start[k])]
     assert any(k.endswith("lora_B") for k in changed)
 
@@ -54,7 +54,7 @@ def test_accelerate_prepare_trains_the_adapter():
     from accelerate import Accelerator
 
     model = tiny.llama()
-    before = _base_state(model)
+    before = weights(model)
     lora = ml.ModulatedLoRA(model, r=2, init="signed")
     start = {k: v.clone() for k, v in lora.state_dict().items()}
     lora.attach(model, c=1.0)
@@ -65,26 +65,8 @@ def test_accelerate_prepare_trains_the_adapter():
     accelerator.backward(prepared(x, labels=x).loss)
     opt.step()
     lora.detach()
-    assert _same(model, before)
+    assert same_weights(model, before)
     assert all(not torch.equal(v, start[k]) for k, v in lora.state_dict().items())
-
-
-def _args(folder, **kw):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(folder),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=2,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=7,
-        **kw,
-    )
 
 
 def _run(folder, seed: int, resume=None):
@@ -92,14 +74,14 @@ def _run(folder, seed: int, resume=None):
     from modlora.hf_trainer import AdapterTrainer
 
     model = tiny.llama()
-    before = _base_state(model)
+    before = weights(model)
     lora = tiny.signed_lora(model, seed=seed)
     lora.attach(model, c=1.5)
     data = [{"input_ids": row, "labels": row} for row in tiny.tokens(batch=8, seq=6)]
     trainer = AdapterTrainer(model=model, adapter=lora, args=_args(folder), train_dataset=data)
     trainer.train(resume_from_checkpoint=resume)
     lora.detach()
-    assert _same(model, before)  # only the adapter trained
+    assert same_weights(model, before)  # only the adapter trained
     return lora
 
 
