@@ -106,6 +106,25 @@ class LowRankAdapter(AdapterKind, nn.Module):
         :meth:`~modlora.part.Parts.load`)."""
         self.parts.load(tensors)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the adapter's tensors: the constructor's ``dtype`` until torch's own
+        ``.to()`` / ``.half()`` / ``.double()`` (or a cast of the model while attached) changes
+        it. A checkpoint records this one, so the file matches the tensors it holds."""
+        dtypes = {
+            t.dtype
+            for _, part in self.parts.items()
+            for t in part.tensors().values()
+            if t.is_floating_point()
+        }
+        if len(dtypes) == 1:
+            return dtypes.pop()
+        return self.__dict__["_dtype"]  # no parts yet, or mixed (a checkpoint refuses those)
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:
+        self.__dict__["_dtype"] = value
+
     def ranks(self) -> dict[str, int]:
         """``{target name: rank}``."""
         return {name: part.rank for name, part in self.named_parts()}

@@ -147,7 +147,8 @@ class HistoryBake(LowRankAdapter):
     @classmethod
     def rebuild(cls, model, layout, config, tensors) -> "HistoryBake":
         factors = {n: (t["A"], t["B"]) for n, t in tensors.items()}
-        return cls(model, attach=False, factors=factors, round_info=config["round_info"])
+        history = cls(model, attach=False, factors=factors, round_info=config["round_info"])
+        return history.to(config["dtype"])  # the file's dtype (a history cast before saving)
 
 
 def _concatenate(model: nn.Module, rounds) -> tuple[list, dict, list]:

@@ -240,11 +240,17 @@ class ModulatedPiSSA(LowRankAdapter):
     @classmethod
     @torch.no_grad()
     def base_problem(cls, config: dict, name: str, tensors: dict, weight: Tensor) -> str | None:
-        """``U_i^T W Vh_i = S_i`` within ``BASE_RTOL · max(S)``: U, S, Vh are this W's SVD."""
+        """``U_i^T W Vh_i = S_i`` within ``BASE_RTOL · max(S)``: U, S, Vh are this W's SVD.
+
+        Factors stored in a coarser dtype than float32 (an adapter built with
+        ``dtype=torch.bfloat16``, or cast with ``.half()``) carry its rounding: the tolerance is
+        at least twice that dtype's epsilon (bf16: measured ≤ 0.0034 · max(S) up to d = 2048).
+        """
+        rtol = max(BASE_RTOL, 2 * torch.finfo(tensors["U"].dtype).eps)
         u, s, vh = (tensors[k].to(weight.device, torch.float32) for k in ("U", "S", "Vh"))
         proj = ((u.T @ weight.float()) * vh).sum(dim=1)  # (r,) = U_i^T W Vh_i
         err = float((proj - s).abs().max())
-        bad = err > BASE_RTOL * float(s.abs().max())
+        bad = err > rtol * float(s.abs().max())
         return f"U, S, Vh are not its SVD: |U^T W Vh - S| = {err:.3g}" if bad else None
 
     @classmethod
