@@ -16,6 +16,9 @@ import torch
 from ._types import Coeff
 from .checks import scalar
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""The largest ``|c|``: the coefficient's tensors are float32."""
+
 
 def validate_coeff(c: Coeff) -> float | torch.Tensor:
     """Check ``c`` and return it as a float or a 1-D float tensor.
@@ -49,6 +52,8 @@ def validate_coeff(c: Coeff) -> float | torch.Tensor:
             out = math.inf
         if not math.isfinite(out):
             raise ValueError(f"coefficient c must be finite, got {value!r:.60}")
+        if abs(out) > FLOAT32_MAX:  # c is kept in float32 tensors: it would become inf there
+            raise ValueError(f"coefficient c must be finite in float32 (|c| <= 3.4e38), got {out}")
         return out
     c = value
     if c.dim() != 1 or c.numel() == 0:
@@ -59,6 +64,10 @@ def validate_coeff(c: Coeff) -> float | torch.Tensor:
         c = c.float()
     if not bool(torch.isfinite(c).all()):
         raise ValueError(f"coefficient c must be finite, got {c.tolist()}")
+    if bool((c.abs() > FLOAT32_MAX).any()):
+        raise ValueError(
+            f"coefficient c must be finite in float32 (|c| <= 3.4e38), got {c.tolist()}"
+        )
     return c.detach()
 
 

@@ -9,7 +9,7 @@ import torch
 
 import modlora as ml
 from tests import tiny
-from tests.helpers import logits, signed_pissa
+from tests.helpers import assert_same_state, logits, model_state, signed_pissa
 
 
 @pytest.mark.parametrize("cast", ["half", "double", "bfloat16"])
@@ -43,6 +43,23 @@ def test_adapter_cast_by_model_half_while_attached_saves_a_file_that_loads(llama
     assert lora.dtype == torch.float16
     lora.save(tmp_path / "a.safetensors")
     assert ml.load_adapter(llama, tmp_path / "a.safetensors").dtype == torch.float16
+
+
+@pytest.mark.parametrize("c", [1e39, -1e39, torch.tensor([1.0, 1e39], dtype=torch.float64)])
+def test_coefficient_beyond_float32_is_refused_naming_c(llama, c):
+    """``c`` is kept in float32 tensors: a value that would overflow there is as unusable as
+    ``inf`` and must be refused the same way (naming c), not by a bare RuntimeError."""
+    lora = tiny.signed_lora(llama)
+    before = model_state(llama)
+    with pytest.raises(ValueError, match="coefficient c"), lora(llama, c=c):
+        pass
+    assert not lora.attached
+    assert_same_state(llama, before)
+    lora.attach(llama, c=1.0)
+    with pytest.raises(ValueError, match="coefficient c"):
+        lora.set_coeff(c)
+    assert lora.c == 1.0
+    lora.detach()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
