@@ -89,7 +89,7 @@ class HistoryBake(LowRankAdapter):
         self.gate = gate
         # A round whose delta is already in the model (merged, or an attached twin of a loaded
         # checkpoint) would be applied twice through the history: its own guards decide.
-        self.attach_guards.append(lambda _: [g(a) for a in sources for g in a.attach_guards])
+        self.attach_guards.append(RoundGuards(sources))
         if attach:
             self.attach(model, 1.0)
 
@@ -149,6 +149,22 @@ class HistoryBake(LowRankAdapter):
         factors = {n: (t["A"], t["B"]) for n, t in tensors.items()}
         history = cls(model, attach=False, factors=factors, round_info=config["round_info"])
         return history.to(config["dtype"])  # the file's dtype (a history cast before saving)
+
+
+class RoundGuards:
+    """A history's attach guard: each round's own guards (a module-level callable, not a lambda,
+    so a history, and a model holding one, pickle with ``torch.save``)."""
+
+    def __init__(self, rounds: list[LowRankAdapter]) -> None:
+        self.rounds = rounds
+
+    def __deepcopy__(self, memo: dict) -> "RoundGuards":
+        return self  # the rounds are other adapters: a copied history checks the same ones
+
+    def __call__(self, _history) -> None:
+        for adapter in self.rounds:
+            for guard in adapter.attach_guards:
+                guard(adapter)
 
 
 def _concatenate(model: nn.Module, rounds) -> tuple[list, dict, list]:

@@ -4,6 +4,8 @@ Each test is a reproducer of a defect that was found that way (and fixed); the p
 already behaved are listed in the branch's report, not repeated here.
 """
 
+import io
+
 import pytest
 import torch
 
@@ -60,6 +62,27 @@ def test_coefficient_beyond_float32_is_refused_naming_c(llama, c):
         lora.set_coeff(c)
     assert lora.c == 1.0
     lora.detach()
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_history_bake_pickles_with_its_model(llama, attach):
+    """``torch.save(model)`` of a model holding an attached HistoryBake (attached by default on
+    construction), and ``torch.save(history)``, work as they do for a LoRA."""
+    lora = tiny.signed_lora(llama)
+    hist = ml.HistoryBake(llama, [(lora, 1.0)], attach=attach)
+    expected = logits(llama, None, None if attach else hist)
+    buf = io.BytesIO()
+    torch.save(llama if attach else hist, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    if attach:
+        torch.testing.assert_close(logits(loaded), expected)
+        (copy,) = ml.find_adapters(loaded)
+    else:
+        copy = loaded
+        assert not copy.attached
+        torch.testing.assert_close(logits(copy.model, None, copy), expected)
+    assert isinstance(copy, ml.HistoryBake) and copy.model is not llama
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
