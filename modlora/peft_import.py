@@ -100,6 +100,21 @@ def _load_weights(peft_dir: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{peft_dir} has no {WEIGHTS_NAME} (nor adapter_model.bin)")
 
 
+def _base_copy(model: nn.Module, key: str, value: Tensor) -> bool:
+    """``key`` is PEFT's copy of a target's own base weight (``<layer>.base_layer.weight``, saved
+    when ``lm_head`` or an embedding is a target), equal to the model's: nothing to import."""
+    stem = key[len(PREFIX) :] if key.startswith(PREFIX) else ""
+    if not stem.endswith(".base_layer.weight"):
+        return False
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head too
+    try:
+        name = resolve_key(stem.removesuffix(".base_layer.weight"), params, suffix=".weight")
+    except KeyError:
+        return False
+    weight = params[name].detach()
+    return weight.shape == value.shape and torch.equal(weight.cpu().to(value.dtype), value)
+
+
 def _pattern(config: dict, key: str, where: Path) -> dict:
     value = config.get(key) or {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -138,10 +153,12 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     state = _load_weights(peft_dir)
     factors: dict[str, dict[str, Tensor]] = {}
     odd = []
+    model = unwrap_model(model)
     for key, value in state.items():
         match = _KEY.match(key[len(PREFIX) :] if key.startswith(PREFIX) else "")
         if match is None:
-            odd.append(key)
+            if not _base_copy(model, key, value):
+                odd.append(key)
             continue
         factors.setdefault(match["name"], {})[match["role"]] = value
     if odd:
@@ -152,7 +169,6 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
     if not factors:
         raise ValueError(f"{peft_dir / WEIGHTS_NAME} holds no LoRA factors")
 
-    model = unwrap_model(model)
     modules = dict(model.named_modules())
     if any(hasattr(m, "base_layer") for m in modules.values()):
         raise ValueError("import_peft needs the plain base model, not a PEFT-wrapped one")

@@ -5,9 +5,11 @@ already behaved are listed in the branch's report, not repeated here.
 """
 
 import io
+import warnings
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 import modlora as ml
 from tests import tiny
@@ -103,3 +105,34 @@ def test_pissa_on_another_base_is_still_refused_in_bf16(tmp_path):
     other = tiny.llama(seed=1)
     with pytest.raises(ml.CheckpointError, match="different base model"):
         ml.load_adapter(other, tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_import_peft_of_a_lora_on_lm_head(tmp_path, tie):
+    """PEFT saves a copy of the base ``lm_head`` weight (``lm_head.base_layer.weight``) when
+    ``lm_head`` is a target: that copy is the model's own weight, not something a plain LoRA
+    cannot represent. The import reproduces PEFT's logits; a copy that differs from the model's
+    weight is still refused, leaving the model as it was."""
+    torch.manual_seed(5)
+    peft_model = get_peft_model(
+        tiny.llama(tie_word_embeddings=tie),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Setting save_embedding_layers to True"
+        peft_model.save_pretrained(str(tmp_path / "saved"))
+    expected = logits(peft_model, tiny.tokens())
+    model = tiny.llama(tie_word_embeddings=tie)
+    lora = ml.import_peft(model, tmp_path / "saved")
+    assert "lm_head" in lora.ranks()
+    torch.testing.assert_close(logits(model, None, lora), expected)
+
+    other = tiny.llama(seed=1, tie_word_embeddings=tie)  # another base: its lm_head differs
+    before = model_state(other)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight"):
+        ml.import_peft(other, tmp_path / "saved")
+    assert_same_state(other, before)
