@@ -1,6 +1,7 @@
 """``ModulatedLoRA``: ``ΔW(c) = c · (alpha / r) · B @ A`` on every target."""
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -52,6 +53,40 @@ class LoRAPart(TargetPart):
         self.pending_init = self.lora_A.device.type == "meta"  # no values to give on meta
 
 
+def per_target_names(pattern: Mapping, names: Sequence[str], what: str) -> dict:
+    r"""``{target name: value}`` from a ``rank_pattern`` / ``alpha_pattern`` whose keys are
+    target names or, as in PEFT, regexes matching the end of a name (``"v_proj"``,
+    ``r"mlp\.(up|down)_proj"``). A key that is a target's name is that target's alone (so a
+    stored, resolved pattern rebuilds the same ranks); a target named by no key takes the first
+    other key that matches it.
+
+    Raises:
+        ValueError: a key that matches no target (listed).
+    """
+    exact = set(pattern) & set(names)
+    regexes = [k for k in pattern if k not in exact]
+    out, used = {}, set()
+    for name in names:
+        key = name if name in exact else next((k for k in regexes if _ends(k, name, what)), None)
+        if key is not None:
+            out[name] = pattern[key]
+            used.add(key)
+    unknown = sorted(set(pattern) - used)
+    if unknown:
+        raise ValueError(f"{what} names layers that are not targets: {unknown}")
+    return out
+
+
+def _ends(key: str, name: str, what: str) -> bool:
+    """PEFT's rule for a pattern key: ``key`` matches the end of ``name`` (whole name parts)."""
+    try:
+        return re.match(rf"(.*\.)?({key})$", name) is not None
+    except re.error as err:
+        raise ValueError(
+            f"{what} key {key!r} is neither a target name nor a regex: {err}"
+        ) from None
+
+
 @register_kind
 class ModulatedLoRA(LowRankAdapter):
     """A LoRA adapter scaled at run time by a signed coefficient ``c``.
@@ -68,8 +103,10 @@ class ModulatedLoRA(LowRankAdapter):
         init: ``"zero"`` (``B = 0``: an exact no-op at any ``c``) or ``"signed"`` (small normal
             ``B``, breaks the ±c symmetry at the start of training).
         dtype: dtype of ``A`` and ``B`` (float32 by default: bf16 Adam steps round to zero).
-        rank_pattern: per-target ranks ``{target name: r}`` overriding ``r``.
-        alpha_pattern: per-target alphas ``{target name: alpha}`` overriding ``alpha``.
+        rank_pattern: per-target ranks ``{target name: r}`` overriding ``r``; a key may also be
+            a regex matching the end of target names, as in PEFT (``{"v_proj": 8}``).
+        alpha_pattern: per-target alphas ``{target name: alpha}`` overriding ``alpha`` (keys
+            as in ``rank_pattern``).
 
     On a model on the ``meta`` device the factors are made on ``meta`` too; after
     ``model.to_empty(...)`` call ``lora.to_empty(device=...)`` (if detached) and
@@ -103,9 +140,7 @@ class ModulatedLoRA(LowRankAdapter):
         config = self._checked(r, alpha, dropout, init, dtype, rank_pattern, alpha_pattern)
         layout = selected(model, targets, exclude, layer_range)
         for what in ("rank_pattern", "alpha_pattern"):
-            unknown = sorted(set(config[what]) - set(layout.names))
-            if unknown:
-                raise ValueError(f"{what} names layers that are not targets: {unknown}")
+            config[what] = per_target_names(config[what], layout.names, what)
         super().__init__(model, layout)
         self.r, self.alpha, self.dropout_p = config["r"], config["alpha"], config["dropout"]
         self.init, self.dtype = config["init"], config["dtype"]

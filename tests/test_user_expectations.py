@@ -136,3 +136,29 @@ def test_import_peft_of_a_lora_on_lm_head(tmp_path, tie):
     with pytest.raises(ValueError, match=r"lm_head.base_layer.weight"):
         ml.import_peft(other, tmp_path / "saved")
     assert_same_state(other, before)
+
+
+def test_rank_and_alpha_patterns_take_peft_style_keys(llama, tmp_path):
+    """``rank_pattern={"v_proj": 2}`` means every ``v_proj`` (PEFT's rule: the key matches the end
+    of the name), as a user coming from PEFT writes it; an exact target name still wins, and a
+    key that matches no target still raises naming it."""
+    lora = ml.ModulatedLoRA(
+        llama,
+        r=4,
+        alpha=8,
+        rank_pattern={"model.layers.1.self_attn.v_proj": 3, "v_proj": 2},
+        alpha_pattern={r"mlp\.(up|down)_proj": 1},
+    )
+    ranks = lora.ranks()
+    assert ranks["model.layers.1.self_attn.v_proj"] == 3
+    assert all(ranks[f"model.layers.{i}.self_attn.v_proj"] == 2 for i in (0, 2, 3))
+    assert ranks["model.layers.0.self_attn.q_proj"] == 4
+    assert lora.part("model.layers.0.mlp.down_proj").factors()[2] == 1 / 4
+    assert lora.part("model.layers.0.mlp.gate_proj").factors()[2] == 8 / 4
+    lora.save(tmp_path / "a.safetensors")
+    same = ml.load_adapter(llama, tmp_path / "a.safetensors")
+    assert same.ranks() == ranks
+    before = model_state(llama)
+    with pytest.raises(ValueError, match=r"rank_pattern.*\['w_proj'\]"):
+        ml.ModulatedLoRA(llama, r=4, rank_pattern={"w_proj": 2})
+    assert_same_state(llama, before)
