@@ -162,3 +162,14 @@ def test_rank_and_alpha_patterns_take_peft_style_keys(llama, tmp_path):
     with pytest.raises(ValueError, match=r"rank_pattern.*\['w_proj'\]"):
         ml.ModulatedLoRA(llama, r=4, rank_pattern={"w_proj": 2})
     assert_same_state(llama, before)
+
+
+def test_save_refuses_an_adapter_of_mixed_dtypes(llama, tmp_path):
+    """One part cast on its own: ``save`` refuses, naming the odd tensors, rather than writing a
+    file ``load_adapter`` refuses ("never a file that does not load")."""
+    lora = tiny.signed_lora(llama)
+    name = lora.layout.names[0]
+    lora.part(name).half()
+    with pytest.raises(ValueError, match=rf"mix dtypes.*{name}\.lora_A: torch.float16"):
+        lora.save(tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()

@@ -67,6 +67,13 @@ def save_adapter(
     bad = sorted(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
     if bad:
         raise ValueError(f"refusing to save non-finite adapter tensors: {bad}")
+    dtypes = {v.dtype for v in tensors.values()}
+    if len(dtypes) > 1:  # one dtype per file: the loader would refuse the others
+        odd = sorted(f"{k}: {v.dtype}" for k, v in tensors.items() if v.dtype != adapter.dtype)
+        raise ValueError(
+            f"refusing to save an adapter whose tensors mix dtypes {sorted(map(str, dtypes))}: "
+            f"{odd[:4]}{'...' if len(odd) > 4 else ''}; cast it whole (adapter.to(dtype)) first"
+        )
     metadata = metadata_of(adapter, dict(extra_meta), c, tensors)
 
     def write(tmp: Path) -> None:
