@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .expert_calibration import recording, routed_rows
+from .hooks import layer_input
 from .layout import TargetLayout
 
 SPLITS = ("all", "chosen", "rejected")
@@ -224,14 +225,16 @@ def collect_calibration(
             calibration.stats[key]["all"].update(rows)
 
     def make_hook(name: str):
-        def hook(module, args, output):
-            update(name, _rows(args[0], state["mask"]))
+        def hook(module, args, kwargs, output):
+            update(name, _rows(layer_input(args, kwargs), state["mask"]))
 
         return hook
 
     with ExitStack() as stack:
         handles = [
-            t.module.register_forward_hook(make_hook(t.name)) for t in layout if t.param is None
+            t.module.register_forward_hook(make_hook(t.name), with_kwargs=True)
+            for t in layout
+            if t.param is None
         ]
         stack.callback(lambda: [h.remove() for h in handles])
         for module, names in _experts_modules(layout).items():

@@ -115,13 +115,13 @@ class DeltaHook:
         self.slot = slot
         self._modlora = True  # marks the hook for owns_output
 
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         part = module._modules[self.slot]
         adapter = part.__dict__["_adapter"]
         c = current_c(adapter, output.device)
         if c is None:  # off, gated, or c == 0: the base output bit for bit
             return output
-        x = args[0]
+        x = layer_input(args, kwargs)
         if isinstance(c, Tensor) and c.dim() == 1:  # per-sample: c of each row of x
             c = per_row(part.name, x, c, adapter.batch_shape.shape, part.routed)
         a, b, scale = part.checked_factors()
@@ -133,6 +133,11 @@ class DeltaHook:
         )
         dropout = part.dropout if part.training else 0.0
         return add_delta(output, x, a, b, scale, c, dropout=dropout, inplace=inplace)
+
+
+def layer_input(args: tuple, kwargs: dict) -> Tensor:
+    """The input of a linear layer's call: ``layer(x)`` or ``layer(input=x)``."""
+    return args[0] if args else kwargs["input"]
 
 
 def owns_output(module: nn.Module, hook) -> bool:

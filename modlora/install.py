@@ -108,7 +108,7 @@ def install(
             module, part = target.module, parts[target.name]
             if target.param is None:
                 module.register_module(slot, part)
-                handles.append(module.register_forward_hook(linear_hook))
+                handles.append(module.register_forward_hook(linear_hook, with_kwargs=True))
                 continue
             if id(module) not in containers:
                 containers[id(module)] = nn.Module()

@@ -10,10 +10,11 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
 
 import modlora as ml
 from tests import tiny
-from tests.helpers import assert_same_state, logits, model_state, signed_pissa
+from tests.helpers import assert_same_state, logits, model_state, randomized, signed_pissa
 
 
 @pytest.mark.parametrize("cast", ["half", "double", "bfloat16"])
@@ -173,3 +174,36 @@ def test_save_refuses_an_adapter_of_mixed_dtypes(llama, tmp_path):
     with pytest.raises(ValueError, match=rf"mix dtypes.*{name}\.lora_A: torch.float16"):
         lora.save(tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+class _KeywordCall(nn.Module):
+    """A model that calls its linear layer with the input as a keyword (``lin(input=x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(input=x)
+
+
+def test_linear_layer_called_with_a_keyword_input():
+    """``layer(input=x)`` is an ordinary call of an ``nn.Linear``: the hook used ``args[0]`` and
+    raised IndexError. The adapter applies (scalar and per-sample ``c``) and calibration records
+    as for a positional call."""
+    torch.manual_seed(0)
+    model, x = _KeywordCall(), torch.randn(3, 4)
+    lora = randomized(ml.ModulatedLoRA(model, r=2))
+    a, b = lora.delta_factors(c=1.0)["lin"]
+    with torch.no_grad():
+        base, delta = model(x), (x @ a.T) @ b.T  # (3, 4) each
+
+        with lora(model, c=-1.5):
+            torch.testing.assert_close(model(x), base - 1.5 * delta)
+        with lora(model, c=torch.tensor([1.0, 0.0, -1.0])):
+            torch.testing.assert_close(
+                model(x), base + torch.tensor([[1.0], [0.0], [-1.0]]) * delta
+            )
+    calib = ml.collect_calibration(model, lora.layout, [x])
+    pissa = ml.ModulatedPiSSA(model, r=2, selection_score="wanda", calibration=calib)
+    assert pissa.ranks() == {"lin": 2}
