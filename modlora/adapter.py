@@ -119,7 +119,8 @@ class LowRankAdapter(AdapterKind, nn.Module):
         }
         if len(dtypes) == 1:
             return dtypes.pop()
-        return self.__dict__["_dtype"]  # no parts yet, or mixed (a checkpoint refuses those)
+        # no parts yet, or mixed dtypes (save refuses those): the constructor's
+        return self.__dict__.get("_dtype", torch.float32)
 
     @dtype.setter
     def dtype(self, value: torch.dtype) -> None:

@@ -112,7 +112,9 @@ def _base_copy(model: nn.Module, key: str, value: Tensor) -> bool:
     except KeyError:
         return False
     weight = params[name].detach()
-    return weight.shape == value.shape and torch.equal(weight.cpu().to(value.dtype), value)
+    if weight.device.type == "meta" or weight.shape != value.shape:
+        return False  # nothing to compare with: refused as an unknown tensor
+    return torch.equal(weight.cpu().to(value.dtype), value)
 
 
 def _pattern(config: dict, key: str, where: Path) -> dict:
