@@ -102,6 +102,18 @@ def selected(model: nn.Module, targets, exclude, layer_range) -> TargetLayout:
     """``targets`` itself when it is a :class:`TargetLayout` already made for ``model`` (e.g. a
     checkpoint's, validated), else :func:`find_targets` of the selection."""
     if isinstance(targets, TargetLayout):
+        modules = dict(unwrap_model(model).named_modules())
+        foreign = [
+            t.name
+            for t in targets
+            if modules.get(t.name if t.param is None else t.name.rpartition(".")[0]) is not t.module
+        ]
+        if foreign:
+            raise ValueError(
+                f"targets is a TargetLayout made on another model than this "
+                f"{type(unwrap_model(model)).__name__}: its layers {foreign[:3]}"
+                f"{'...' if len(foreign) > 3 else ''} are not this model's (find_targets(model))"
+            )
         return targets
     return find_targets(model, targets, exclude, layer_range)
 

@@ -207,3 +207,20 @@ def test_linear_layer_called_with_a_keyword_input():
     calib = ml.collect_calibration(model, lora.layout, [x])
     pissa = ml.ModulatedPiSSA(model, r=2, selection_score="wanda", calibration=calib)
     assert pissa.ranks() == {"lin": 2}
+
+
+@pytest.mark.parametrize("kind", ["lora", "pissa"])
+def test_a_target_layout_of_another_model_is_refused(kind):
+    """``targets=`` may be a layout already made by ``find_targets`` — of *this* model. One made
+    on another model (a twin with the same names) was accepted: the adapter then hooked the
+    other model's layers (PiSSA took their SVD), and ``with adapter(model)`` left ``model``
+    unchanged while changing the other one."""
+    model, other = tiny.llama(), tiny.llama(seed=1)
+    layout = ml.find_targets(other, targets=("q_proj",))
+    before, before_other = model_state(model), model_state(other)
+    cls = ml.ModulatedLoRA if kind == "lora" else ml.ModulatedPiSSA
+    with pytest.raises(ValueError, match=r"another model.*model\.layers\.0\.self_attn\.q_proj"):
+        cls(model, r=2, targets=layout)
+    assert_same_state(model, before)
+    assert_same_state(other, before_other)
+    assert cls(model, r=2, targets=ml.find_targets(model, targets=("q_proj",))).layout.names
