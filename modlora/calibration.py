@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .expert_calibration import recording, routed_rows
 from .hooks import layer_input
-from .layout import TargetLayout
+from .layout import TargetLayout, selected
 
 SPLITS = ("all", "chosen", "rejected")
 
@@ -200,6 +200,8 @@ def collect_calibration(
     """
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows <= 0:
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+    if isinstance(layout, TargetLayout):
+        selected(model, layout, (), None)  # raises for a layout made on another model
     if calibration is None:
         keys = {
             stats_key(t.name, e): t.d_in

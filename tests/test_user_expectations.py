@@ -224,3 +224,11 @@ def test_a_target_layout_of_another_model_is_refused(kind):
     assert_same_state(model, before)
     assert_same_state(other, before_other)
     assert cls(model, r=2, targets=ml.find_targets(model, targets=("q_proj",))).layout.names
+
+
+def test_calibration_with_a_layout_of_another_model_is_refused():
+    """The same mistake in ``collect_calibration`` recorded nothing (the hooks sat on the other
+    model) and failed only later, in PiSSA, with "no calibration rows were collected"."""
+    model, other = tiny.llama(), tiny.llama(seed=1)
+    with pytest.raises(ValueError, match="another model"):
+        ml.collect_calibration(model, ml.find_targets(other, targets=("q_proj",)), [tiny.tokens()])
