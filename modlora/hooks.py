@@ -136,8 +136,9 @@ class DeltaHook:
 
 
 def layer_input(args: tuple, kwargs: dict) -> Tensor:
-    """The input of a linear layer's call: ``layer(x)`` or ``layer(input=x)``."""
-    return args[0] if args else kwargs["input"]
+    """The input of a linear layer's call: ``layer(x)``, ``layer(input=x)`` (``nn.Linear``) or
+    ``layer(x=x)`` (GPT-2's ``Conv1D``) — their forward takes that one argument."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def owns_output(module: nn.Module, hook) -> bool:

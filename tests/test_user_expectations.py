@@ -209,6 +209,21 @@ def test_linear_layer_called_with_a_keyword_input():
     assert pissa.ranks() == {"lin": 2}
 
 
+def test_conv1d_called_with_its_keyword_input():
+    """GPT-2's ``Conv1D`` names its input ``x``: ``layer(x=x)`` adapts like ``layer(x)``."""
+    model = tiny.gpt2()
+    conv = model.transformer.h[0].attn.c_attn
+    lora = randomized(ml.ModulatedLoRA(model, r=2))
+    x = torch.randn(2, 3, conv.weight.shape[0])  # Conv1D weight: (d_in, d_out)
+    with torch.no_grad(), lora(model, c=0.7):
+        positional = conv(x)
+        keyword = conv(x=x)
+    with torch.no_grad():
+        base = conv(x)
+    assert not torch.equal(positional, base)
+    assert torch.equal(keyword, positional)
+
+
 @pytest.mark.parametrize("kind", ["lora", "pissa"])
 def test_a_target_layout_of_another_model_is_refused(kind):
     """``targets=`` may be a layout already made by ``find_targets`` — of *this* model. One made
