@@ -77,9 +77,15 @@ def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, 
         try:
             fused = resolve_target(skeleton, name) if skeleton is not None else None
             if fused is not None and fused.experts is not None:
-                found = plan_fused(fused, skeleton, weight_map, header, a)
-            elif a.dim() == 3:
+                found = plan_fused(fused, skeleton, weight_map, header, a, b)
+            elif a.dim() == 3 and skeleton is None:
                 raise MergeError(name, "a fused expert weight needs the folder's config.json")
+            elif a.dim() == 3:
+                raise MergeError(
+                    name,
+                    f"per-expert factors, but the {type(skeleton).__name__} of {model_dir} has "
+                    "no fused expert weight of that name",
+                )
             else:
                 found = [_plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header)]
             for plan in found:

@@ -50,7 +50,7 @@ def storage_delta(target: Target, a: Tensor, b: Tensor) -> Tensor:
 
 
 def plan_fused(
-    target: Target, skeleton: nn.Module, weight_map: dict, header, a: Tensor
+    target: Target, skeleton: nn.Module, weight_map: dict, header, a: Tensor, b: Tensor
 ) -> list[Plan]:
     """The on-disk tensors of fused weight ``target`` (see the module docstring).
 
@@ -59,13 +59,24 @@ def plan_fused(
         skeleton: the model on the meta device.
         weight_map: ``{key: shard}`` of the folder.
         header: ``header(shard) -> {key: (shape, dtype name)}``.
-        a: the adapter's ``A`` for the target (for messages).
+        a: the adapter's ``A`` for the target, ``(E, r, d_in)``.
+        b: the adapter's ``B`` for the target, ``(E, d_out, r)``.
 
     Raises:
-        MergeError: a key is missing, a shape or dtype does not fit, or the conversion cannot be
-            established; nothing has been written.
+        MergeError: the adapter's expert count or widths are not the folder's model's, a key is
+            missing, a shape or dtype does not fit, or the conversion cannot be established;
+            nothing has been written.
     """
     name = target.name
+    want = (target.experts, target.d_out, target.d_in)
+    have = (int(a.shape[0]), int(b.shape[-2]), int(a.shape[-1]))  # (E, d_out, d_in)
+    if have != want:
+        raise MergeError(
+            name,
+            f"the adapter's factors (A {tuple(a.shape)}, B {tuple(b.shape)}) are for experts="
+            f"{have[0]}, d_out={have[1]}, d_in={have[2]}; the folder's model has experts="
+            f"{want[0]}, d_out={want[1]}, d_in={want[2]}",
+        )
     stored = tuple(target.weight.shape)  # (E, …) as the model holds it
     if name in weight_map:  # stored fused, under its own name
         pieces = {name: stored}
