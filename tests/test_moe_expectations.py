@@ -1,0 +1,61 @@
+"""What a user of MoE models expects from checkpoints and the offline merge, beyond the happy
+path of ``test_moe.py``: a wrong input is named, and nothing is written."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import modlora as ml
+from tests import tiny
+from tests.helpers import randomized
+
+
+@pytest.fixture(scope="module")
+def mixtral_adapter(tmp_path_factory):
+    """A LoRA on every target of the tiny Mixtral (4 experts), saved."""
+    path = tmp_path_factory.mktemp("adapter") / "a.safetensors"
+    randomized(ml.ModulatedLoRA(tiny.mixtral(), r=2, init="signed")).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "other, what",
+    [
+        (dict(num_local_experts=8), r"experts.*8.*4|4.*experts.*8"),
+        (dict(intermediate_size=32), r"shape|d_in|d_out"),
+    ],
+    ids=["more-experts", "narrower-experts"],
+)
+def test_offline_merge_onto_a_folder_with_other_experts_names_the_target(
+    mixtral_adapter, tmp_path, other, what
+):
+    """A Mixtral folder whose experts differ from the adapter's (count or width) is refused with
+    a MergeError naming the fused target — not a bare KeyError / RuntimeError — and no output."""
+    tiny.mixtral(**other).save_pretrained(tmp_path / "base")
+    with pytest.raises(ml.MergeError, match=r"experts\.(gate_up|down)_proj") as info:
+        ml.merge_checkpoint(tmp_path / "base", mixtral_adapter, tmp_path / "out")
+    assert __import__("re").search(what, str(info.value)), str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_merge_of_expert_targets_onto_a_dense_model_says_so(mixtral_adapter, tmp_path):
+    """A Llama folder (with its config.json) has no fused experts: the error says that, instead
+    of asking for a config.json the folder has."""
+    tiny.llama().save_pretrained(tmp_path / "base")
+    assert (tmp_path / "base" / "config.json").is_file()
+    with pytest.raises(ml.MergeError, match=r"experts\.\w+_proj") as info:
+        ml.merge_checkpoint(tmp_path / "base", mixtral_adapter, tmp_path / "out")
+    assert "needs the folder's config.json" not in str(info.value)
+    assert "LlamaForCausalLM" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_metadata_of_a_foreign_safetensors_file_raises(tmp_path):
+    """A safetensors file that is neither a modlora v1 file nor a seed (legacy) file is not
+    reported as a legacy checkpoint: read_metadata raises like load_adapter does."""
+    path = tmp_path / "model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(path), metadata={"a": "b"})
+    with pytest.raises(ml.CheckpointError, match="not a modlora checkpoint"):
+        ml.read_metadata(path)
+    with pytest.raises(ml.CheckpointError, match="not a modlora checkpoint"):
+        ml.load_adapter(tiny.llama(), path)
