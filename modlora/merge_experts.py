@@ -138,6 +138,22 @@ def converted_deltas(target: Target, skeleton: nn.Module, a: Tensor, b: Tensor) 
     return {k: v.contiguous() for k, v in pieces.items()}
 
 
+def fused_from_pieces(target: Target, skeleton: nn.Module, pieces: dict[str, Tensor]) -> Tensor:
+    """The fused weight ``(E, …)`` as the model holds it, put together from its per-expert disk
+    tensors ``{key: tensor}``: the inverse of ``revert_weight_conversion``, read off the
+    conversion of the element indices (so every element comes from exactly one disk value)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    stored = tuple(target.weight.shape)
+    index = torch.arange(torch.Size(stored).numel()).reshape(stored)  # (E, …) element indices
+    where = revert_weight_conversion(skeleton, {target.name: index})
+    dtype = next(iter(pieces.values())).dtype
+    fused = torch.empty(index.numel(), dtype=dtype)
+    for key, positions in where.items():
+        fused[positions.reshape(-1)] = pieces[key].reshape(-1).to(dtype)
+    return fused.reshape(stored)
+
+
 def merge_fused(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
     """``weight`` stored ``(E, …)`` plus the delta, each expert verified as a layer of its own."""
     logical = weight.mT if plan.transposed else weight  # (E, d_out, d_in)

@@ -59,3 +59,22 @@ def test_read_metadata_of_a_foreign_safetensors_file_raises(tmp_path):
         ml.read_metadata(path)
     with pytest.raises(ml.CheckpointError, match="not a modlora checkpoint"):
         ml.load_adapter(tiny.llama(), path)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_offline_merge_checks_the_base_of_experts_stored_per_expert(arch, tmp_path):
+    """save_pretrained splits fused experts per expert on disk; the base check still compares
+    them: a PiSSA adapter (computed from the base's SVD) is refused on another base, as
+    load_adapter refuses it, and merges onto its own."""
+    build = tiny.MOE_BUILDERS[arch]
+    pissa = randomized(ml.ModulatedPiSSA(build(), r=2, targets=["experts"]), std=0.5)
+    pissa.save(tmp_path / "p.safetensors")
+    build(seed=5).save_pretrained(tmp_path / "other")
+    with pytest.raises(ml.CheckpointError, match=r"different base.*experts\.(gate_up|down)_proj"):
+        ml.load_adapter(build(seed=5), tmp_path / "p.safetensors")
+    with pytest.raises(ml.CheckpointError, match=r"different base.*experts\.(gate_up|down)_proj"):
+        ml.merge_checkpoint(tmp_path / "other", tmp_path / "p.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    build().save_pretrained(tmp_path / "own")
+    report = ml.merge_checkpoint(tmp_path / "own", tmp_path / "p.safetensors", tmp_path / "out")
+    assert report.applied == report.attempted > 0
