@@ -78,3 +78,24 @@ def test_offline_merge_checks_the_base_of_experts_stored_per_expert(arch, tmp_pa
     build().save_pretrained(tmp_path / "own")
     report = ml.merge_checkpoint(tmp_path / "own", tmp_path / "p.safetensors", tmp_path / "out")
     assert report.applied == report.attempted > 0
+
+
+def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch):
+    """``~/…`` is the user's home in every path argument, as in a shell: save / load /
+    read_metadata / export_peft / import_peft / merge_checkpoint — never a folder named ``~``
+    in the working directory."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    model, x = tiny.mixtral(), tiny.tokens()
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
+    assert lora.save("~/a.safetensors", c=0.5) == home / "a.safetensors"
+    assert ml.read_metadata("~/a.safetensors")["c"] == 0.5
+    assert ml.load_adapter(tiny.mixtral(), "~/a.safetensors").deployed_c == 0.5
+    assert ml.export_peft(lora, "~/peft", c=0.5) == home / "peft"
+    assert ml.import_peft(tiny.mixtral(), "~/peft").layout.names == lora.layout.names
+    model.save_pretrained(home / "base")
+    ml.merge_checkpoint("~/base", "~/a.safetensors", "~/merged", c=None)
+    assert (home / "merged" / "config.json").is_file()
+    assert not (work / "~").exists()
