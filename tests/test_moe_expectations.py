@@ -99,3 +99,21 @@ def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch)
     ml.merge_checkpoint("~/base", "~/a.safetensors", "~/merged", c=None)
     assert (home / "merged" / "config.json").is_file()
     assert not (work / "~").exists()
+
+
+@pytest.mark.parametrize("score", ["act_only", "wanda"])
+def test_pissa_on_experts_that_saw_no_calibration_tokens_names_them(score):
+    """With many experts and little calibration data some experts are routed no token: an
+    activation score cannot rank their directions. The error names the target and the experts
+    (not a bare 'no calibration rows were collected for this split') and leaves the model."""
+    from tests.helpers import assert_same_state, model_state
+
+    model = tiny.mixtral(num_local_experts=16, num_experts_per_tok=1)
+    layout = ml.find_targets(model, targets=["experts"])
+    calibration = ml.collect_calibration(model, layout, [tiny.tokens(batch=1, seq=2)])
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"experts\.(gate_up|down)_proj\[\d+\].*s_only"):
+        ml.ModulatedPiSSA(
+            model, r=2, targets=["experts"], selection_score=score, calibration=calibration
+        )
+    assert_same_state(model, before)
