@@ -117,3 +117,17 @@ def test_pissa_on_experts_that_saw_no_calibration_tokens_names_them(score):
             model, r=2, targets=["experts"], selection_score=score, calibration=calibration
         )
     assert_same_state(model, before)
+
+
+def test_import_of_a_peft_adapter_on_the_router_names_it(tmp_path):
+    """PEFT's ``all-linear`` on a transformers-5 Mixtral also adapts the router's weight
+    (``target_parameters`` ``gate.weight``). modlora adapts no router: import_peft refuses it
+    with a ValueError naming the target and its module type, not a bare KeyError."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules="all-linear", target_parameters=["gate.weight"])
+    get_peft_model(tiny.mixtral(), config).save_pretrained(tmp_path / "peft")
+    model = tiny.mixtral()
+    with pytest.raises(ValueError, match=r"mlp\.gate.*MixtralTopKRouter"):
+        ml.import_peft(model, tmp_path / "peft")
+    assert not ml.find_adapters(model)
