@@ -173,14 +173,26 @@ def merge_fused(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
 
 
 def merge_converted(plan: Plan, weight: Tensor, delta: Tensor, rtol: float):
-    """One per-expert tensor plus its piece of the delta (2-D, checked on probe rows)."""
+    """One on-disk tensor of a fused weight stored under other keys plus its piece of the delta:
+    one expert's 2-D weight, or all experts' 3-D weight under another name (GraniteMoE's
+    ``input_linear``), each expert checked on probe rows."""
     new = (weight.float() + delta.float()).to(weight.dtype)
     _finite(plan, new, weight)
+    if weight.dim() == 2:
+        return new, _check_piece(plan.key, weight, new, delta, rtol)
+    results = [
+        _check_piece(f"{plan.key}[{e}]", w, n, d, rtol)
+        for e, (w, n, d) in enumerate(zip(weight, new, delta, strict=True))
+    ]
+    return new, (max(r for r, _ in results), any(b for _, b in results))
+
+
+def _check_piece(name: str, weight: Tensor, new: Tensor, delta: Tensor, rtol: float):
     x = probe_input(weight.shape[-1], weight.device, weight.dtype)
     y_base, y_merged = (torch.nn.functional.linear(x, w).float() for w in (weight, new))
     y_delta = torch.nn.functional.linear(x.float(), delta.float())
     norms = torch.linalg.vector_norm(new.float(), dim=0)
-    return new, check_merged(plan.key, y_base, y_merged, y_delta, norms, x, weight.dtype, rtol)
+    return check_merged(name, y_base, y_merged, y_delta, norms, x, weight.dtype, rtol)
 
 
 def _finite(plan: Plan, new: Tensor, weight: Tensor) -> None:

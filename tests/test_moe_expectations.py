@@ -88,7 +88,7 @@ def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch)
     home.mkdir(), work.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(work)
-    model, x = tiny.mixtral(), tiny.tokens()
+    model = tiny.mixtral()
     lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
     assert lora.save("~/a.safetensors", c=0.5) == home / "a.safetensors"
     assert ml.read_metadata("~/a.safetensors")["c"] == 0.5
@@ -131,3 +131,34 @@ def test_import_of_a_peft_adapter_on_the_router_names_it(tmp_path):
     with pytest.raises(ValueError, match=r"mlp\.gate.*MixtralTopKRouter"):
         ml.import_peft(model, tmp_path / "peft")
     assert not ml.find_adapters(model)
+
+
+def test_offline_merge_of_experts_stored_fused_under_other_names(tmp_path):
+    """GraniteMoE keeps its fused experts as ``experts.gate_up_proj`` in the model but saves
+    them as 3-D ``block_sparse_moe.input_linear.weight`` / ``output_linear.weight``: the merged
+    folder loads and gives the hooked logits; a PiSSA adapter is checked against that base."""
+    import transformers as tf
+
+    config = tf.GraniteMoeConfig(**{**tiny.MOE, "vocab_size": tiny.VOCAB}, num_local_experts=4)
+    torch.manual_seed(0)
+    model, x = tf.GraniteMoeForCausalLM(config).eval(), tiny.tokens()
+    assert any(t.experts for t in ml.find_targets(model))
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
+    with torch.no_grad(), lora(model, c=0.7):
+        hooked = model(x).logits
+    model.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    lora.save(tmp_path / "a.safetensors")
+    report = ml.merge_checkpoint(
+        tmp_path / "base", tmp_path / "a.safetensors", tmp_path / "out", c=0.7
+    )
+    assert report.applied == report.attempted == len(lora.layout)
+    merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, hooked)
+    pissa = randomized(ml.ModulatedPiSSA(model, r=2, targets=["experts"]), std=0.5)
+    pissa.save(tmp_path / "p.safetensors")
+    ml.merge_checkpoint(tmp_path / "base", tmp_path / "p.safetensors", tmp_path / "p_out")
+    torch.manual_seed(1)
+    tf.GraniteMoeForCausalLM(config).save_pretrained(tmp_path / "other")
+    with pytest.raises(ml.CheckpointError, match=r"different base.*experts\.gate_up_proj"):
+        ml.merge_checkpoint(tmp_path / "other", tmp_path / "p.safetensors", tmp_path / "p_out2")
