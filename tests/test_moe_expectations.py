@@ -162,3 +162,29 @@ def test_offline_merge_of_experts_stored_fused_under_other_names(tmp_path):
     tf.GraniteMoeForCausalLM(config).save_pretrained(tmp_path / "other")
     with pytest.raises(ml.CheckpointError, match=r"different base.*experts\.gate_up_proj"):
         ml.merge_checkpoint(tmp_path / "other", tmp_path / "p.safetensors", tmp_path / "p_out2")
+
+
+def _phimoe():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.PhimoeConfig(**{**tiny.MOE, "vocab_size": tiny.VOCAB}, num_local_experts=4)
+    return tf.PhimoeForCausalLM(config).eval()
+
+
+def test_a_router_that_is_a_linear_subclass_is_left_alone():
+    """PhiMoE's router (``mlp.router``) subclasses nn.Linear but returns ``(logits, weights,
+    experts)``: "all-linear" leaves it alone like every other router (the experts are adapted
+    and the hooked model runs), and naming it explicitly raises at construction, naming it."""
+    from tests.helpers import hand_merged, logits
+
+    model, x = _phimoe(), tiny.tokens()
+    lora = randomized(ml.ModulatedLoRA(model, r=2, init="signed"))
+    assert not [n for n in lora.layout.names if n.endswith("router")]
+    assert any(t.experts for t in lora.layout)
+    torch.testing.assert_close(
+        logits(model, x, lora, c=0.7), logits(hand_merged(model, [(lora, 0.7)]), x)
+    )
+    with pytest.raises(ValueError, match=r"mlp\.router.*PhimoeTopKRouter.*tuple"):
+        ml.ModulatedLoRA(model, r=2, targets=["router"])
+    assert not ml.find_adapters(model)
