@@ -188,3 +188,28 @@ def test_a_router_that_is_a_linear_subclass_is_left_alone():
     with pytest.raises(ValueError, match=r"mlp\.router.*PhimoeTopKRouter.*tuple"):
         ml.ModulatedLoRA(model, r=2, targets=["router"])
     assert not ml.find_adapters(model)
+
+
+def test_export_peft_warns_when_peft_would_reinterpret_the_targets(tmp_path):
+    """For some MoE model types (GLM-4-MoE, DeepSeek, …) PEFT reads ``…gate_proj`` / ``up_proj``
+    / ``down_proj`` in ``target_modules`` as transformers-v4 expert names and moves them onto
+    the fused experts, so the dense MLP's adapter is dropped and real PEFT does not reproduce
+    the hooked model. export_peft says so, naming the targets; a Mixtral export stays silent."""
+    import transformers as tf
+    from loguru import logger
+
+    messages = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    try:
+        arch = dict(n_routed_experts=4, moe_intermediate_size=48, first_k_dense_replace=1)
+        config = tf.Glm4MoeConfig(**{**tiny.MOE, "vocab_size": tiny.VOCAB}, **arch, head_dim=8)
+        torch.manual_seed(0)
+        glm = tf.Glm4MoeForCausalLM(config).eval()
+        ml.export_peft(ml.ModulatedLoRA(glm, r=2), tmp_path / "glm")
+        assert any("model.layers.0.mlp.gate_proj" in m and "PEFT" in m for m in messages)
+        messages.clear()
+        ml.export_peft(ml.ModulatedLoRA(tiny.mixtral(), r=2), tmp_path / "mixtral")
+        assert not messages
+    finally:
+        logger.remove(sink)
+    assert (tmp_path / "glm" / "adapter_config.json").is_file()
