@@ -23,7 +23,14 @@ from .blocks import (
     resolve_layer_range,
 )
 from .experts import fused_expert_params, hidden_size
-from .target import Target, expert_target, is_routed, is_target_type, make_target
+from .target import (
+    Target,
+    expert_target,
+    is_routed,
+    is_target_type,
+    make_target,
+    returns_tuple,
+)
 
 ALL_LINEAR = "all-linear"
 
@@ -159,14 +166,24 @@ def find_targets(
         band = resolve_layer_range(tuple(layer_range), blocks.size)
 
     candidates = candidate_targets(model)
+    modules = dict(model.named_modules())
     hits: dict[str, int] = {p: 0 for p in patterns}
     found: dict[str, Target] = {}
     for name, build in candidates:
         matched = [p for p in patterns if p == ALL_LINEAR or re.search(p, name)]
+        router = name in modules and returns_tuple(modules[name])
+        if router:  # a router (PhiMoE's): all-linear leaves it alone, a pattern naming it raises
+            matched = [p for p in matched if p != ALL_LINEAR]
         for p in matched:
             hits[p] += 1
         if not matched or matches_any(name, exclude):
             continue
+        if router:
+            raise ValueError(
+                f"target {name!r} ({type(modules[name]).__name__}) is an nn.Linear whose forward "
+                f"returns a tuple (a MoE router), not x Wᵀ: no delta can be added to its output; "
+                f"exclude it (pattern(s) {matched} select it)"
+            )
         index = block_index(name, blocks)
         if band is not None and in_band(name, blocks, layer_range) is False:
             continue

@@ -41,7 +41,15 @@ from .merge_check import (
     merged_weight,
     probe_input,
 )
-from .merge_experts import DTYPES, Plan, converted_deltas, merge_converted, merge_fused, plan_fused
+from .merge_experts import (
+    DTYPES,
+    Plan,
+    converted_deltas,
+    fused_from_pieces,
+    merge_converted,
+    merge_fused,
+    plan_fused,
+)
 from .model_folder import (
     RECORD_NAME,
     WEIGHT_SUFFIXES,
@@ -77,9 +85,15 @@ def _plan(model_dir: Path, adapter: AdapterFactors, weight_map: dict, skeleton, 
         try:
             fused = resolve_target(skeleton, name) if skeleton is not None else None
             if fused is not None and fused.experts is not None:
-                found = plan_fused(fused, skeleton, weight_map, header, a)
-            elif a.dim() == 3:
+                found = plan_fused(fused, skeleton, weight_map, header, a, b)
+            elif a.dim() == 3 and skeleton is None:
                 raise MergeError(name, "a fused expert weight needs the folder's config.json")
+            elif a.dim() == 3:
+                raise MergeError(
+                    name,
+                    f"per-expert factors, but the {type(skeleton).__name__} of {model_dir} has "
+                    "no fused expert weight of that name",
+                )
             else:
                 found = [_plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header)]
             for plan in found:
@@ -127,29 +141,35 @@ def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header) -> P
     return Plan(name, key, shard, transposed, DTYPES[dtype])
 
 
-def _check_base(model_dir: Path, adapter: AdapterFactors, plans: dict, policy: str) -> None:
+def _check_base(
+    model_dir: Path, adapter: AdapterFactors, plans: dict, policy: str, skeleton
+) -> None:
     """The loader's base check (:mod:`modlora.checkpoint.validate`), on the weights as stored in
-    the folder's shards. A fused weight stored per expert cannot be compared (warned)."""
+    the folder's shards. A fused weight stored per expert is put back together from its
+    per-expert tensors (possibly across shards) and compared like the live one."""
     if policy == "ignore":
         return
-    unchecked = [name for name, found in plans.items() if found[0].converted]
-    if unchecked:
-        logger.warning(
-            "merge_checkpoint: {} fused expert weight(s) are stored per expert in {}; their base "
-            "fingerprints (of the fused weights) are not compared, e.g. {}",
-            len(unchecked),
-            model_dir,
-            unchecked[0],
-        )
-    weights = {}
-    for shard in sorted({f[0].shard for n, f in plans.items() if n not in unchecked}):
-        tensors, _ = shard_tensors(model_dir / shard)
+    differ, pieces = [], {}  # pieces: {fused target: {disk key: tensor}} until it is whole
+    for shard in sorted({p.shard for found in plans.values() for p in found}):
+        tensors, _ = shard_tensors(model_dir / shard)  # one shard in memory at a time
+        weights = {}
         for name, found in plans.items():
-            if name not in unchecked and found[0].shard == shard:
+            here = [p for p in found if p.shard == shard]
+            if not here:
+                continue
+            if found[0].converted:
+                parts = pieces.setdefault(name, {})
+                parts.update({p.key: tensors[p.key] for p in here})
+                if len(parts) == len(found):
+                    target = resolve_target(skeleton, name)
+                    fused = fused_from_pieces(target, skeleton, pieces.pop(name))
+                    weights[name] = (fused, None)
+            else:
                 stored = tensors[found[0].key]
                 dense = stored.transpose(-2, -1) if found[0].transposed else stored
                 weights[name] = (stored, dense)
-    report_base(adapter.spec, base_differences(adapter.spec, weights), policy, str(model_dir))
+        differ += base_differences(adapter.spec, weights)
+    report_base(adapter.spec, differ, policy, str(model_dir))
 
 
 def _merge_one(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
@@ -220,7 +240,7 @@ def merge_checkpoint(
         )
     plans = _plan(model_dir, adapter, weight_map, skeleton, config)
     policy = check_base or kind_class(adapter.kind).base_check
-    _check_base(model_dir, adapter, plans, policy)
+    _check_base(model_dir, adapter, plans, policy, skeleton)
     n_tensors = sum(len(found) for found in plans.values())
 
     results: dict = {}

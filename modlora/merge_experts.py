@@ -50,7 +50,7 @@ def storage_delta(target: Target, a: Tensor, b: Tensor) -> Tensor:
 
 
 def plan_fused(
-    target: Target, skeleton: nn.Module, weight_map: dict, header, a: Tensor
+    target: Target, skeleton: nn.Module, weight_map: dict, header, a: Tensor, b: Tensor
 ) -> list[Plan]:
     """The on-disk tensors of fused weight ``target`` (see the module docstring).
 
@@ -59,13 +59,24 @@ def plan_fused(
         skeleton: the model on the meta device.
         weight_map: ``{key: shard}`` of the folder.
         header: ``header(shard) -> {key: (shape, dtype name)}``.
-        a: the adapter's ``A`` for the target (for messages).
+        a: the adapter's ``A`` for the target, ``(E, r, d_in)``.
+        b: the adapter's ``B`` for the target, ``(E, d_out, r)``.
 
     Raises:
-        MergeError: a key is missing, a shape or dtype does not fit, or the conversion cannot be
-            established; nothing has been written.
+        MergeError: the adapter's expert count or widths are not the folder's model's, a key is
+            missing, a shape or dtype does not fit, or the conversion cannot be established;
+            nothing has been written.
     """
     name = target.name
+    want = (target.experts, target.d_out, target.d_in)
+    have = (int(a.shape[0]), int(b.shape[-2]), int(a.shape[-1]))  # (E, d_out, d_in)
+    if have != want:
+        raise MergeError(
+            name,
+            f"the adapter's factors (A {tuple(a.shape)}, B {tuple(b.shape)}) are for experts="
+            f"{have[0]}, d_out={have[1]}, d_in={have[2]}; the folder's model has experts="
+            f"{want[0]}, d_out={want[1]}, d_in={want[2]}",
+        )
     stored = tuple(target.weight.shape)  # (E, …) as the model holds it
     if name in weight_map:  # stored fused, under its own name
         pieces = {name: stored}
@@ -127,6 +138,22 @@ def converted_deltas(target: Target, skeleton: nn.Module, a: Tensor, b: Tensor) 
     return {k: v.contiguous() for k, v in pieces.items()}
 
 
+def fused_from_pieces(target: Target, skeleton: nn.Module, pieces: dict[str, Tensor]) -> Tensor:
+    """The fused weight ``(E, …)`` as the model holds it, put together from its per-expert disk
+    tensors ``{key: tensor}``: the inverse of ``revert_weight_conversion``, read off the
+    conversion of the element indices (so every element comes from exactly one disk value)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    stored = tuple(target.weight.shape)
+    index = torch.arange(torch.Size(stored).numel()).reshape(stored)  # (E, …) element indices
+    where = revert_weight_conversion(skeleton, {target.name: index})
+    dtype = next(iter(pieces.values())).dtype
+    fused = torch.empty(index.numel(), dtype=dtype)
+    for key, positions in where.items():
+        fused[positions.reshape(-1)] = pieces[key].reshape(-1).to(dtype)
+    return fused.reshape(stored)
+
+
 def merge_fused(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
     """``weight`` stored ``(E, …)`` plus the delta, each expert verified as a layer of its own."""
     logical = weight.mT if plan.transposed else weight  # (E, d_out, d_in)
@@ -146,14 +173,26 @@ def merge_fused(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
 
 
 def merge_converted(plan: Plan, weight: Tensor, delta: Tensor, rtol: float):
-    """One per-expert tensor plus its piece of the delta (2-D, checked on probe rows)."""
+    """One on-disk tensor of a fused weight stored under other keys plus its piece of the delta:
+    one expert's 2-D weight, or all experts' 3-D weight under another name (GraniteMoE's
+    ``input_linear``), each expert checked on probe rows."""
     new = (weight.float() + delta.float()).to(weight.dtype)
     _finite(plan, new, weight)
+    if weight.dim() == 2:
+        return new, _check_piece(plan.key, weight, new, delta, rtol)
+    results = [
+        _check_piece(f"{plan.key}[{e}]", w, n, d, rtol)
+        for e, (w, n, d) in enumerate(zip(weight, new, delta, strict=True))
+    ]
+    return new, (max(r for r, _ in results), any(b for _, b in results))
+
+
+def _check_piece(name: str, weight: Tensor, new: Tensor, delta: Tensor, rtol: float):
     x = probe_input(weight.shape[-1], weight.device, weight.dtype)
     y_base, y_merged = (torch.nn.functional.linear(x, w).float() for w in (weight, new))
     y_delta = torch.nn.functional.linear(x.float(), delta.float())
     norms = torch.linalg.vector_norm(new.float(), dim=0)
-    return new, check_merged(plan.key, y_base, y_merged, y_delta, norms, x, weight.dtype, rtol)
+    return check_merged(name, y_base, y_merged, y_delta, norms, x, weight.dtype, rtol)
 
 
 def _finite(plan: Plan, new: Tensor, weight: Tensor) -> None:

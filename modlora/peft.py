@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from loguru import logger
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -121,6 +122,16 @@ def export_peft(
         "modules_to_save": None,
         "inference_mode": True,
     }
+    dropped = _peft_would_drop(adapter.model, config)
+    if dropped:
+        logger.warning(
+            "export_peft: PEFT reads target_modules {} of this {} as transformers-v4 expert "
+            "names and moves them onto the fused experts when it loads the folder, so real PEFT "
+            "will not reproduce the hooked model (import_peft reads the folder as written); "
+            "exclude those layers to export for PEFT",
+            dropped[:4],
+            type(adapter.model).__name__,
+        )
     meta = {"format": "pt", "modlora_kind": adapter.kind, "modlora_c": repr(value)}
 
     def write(tmp: Path) -> None:
@@ -134,3 +145,26 @@ def export_peft(
         writer="export_peft",
         legacy=lambda files: files <= {CONFIG_NAME, WEIGHTS_NAME, "README.md"},
     )
+
+
+def _peft_would_drop(model, config: dict) -> list[str]:
+    """The ``target_modules`` PEFT's own transformers-v5 conversion takes out of ``config`` when
+    it loads it onto ``model`` (empty when PEFT is not installed or leaves the config alone)."""
+    if not config["target_modules"]:
+        return []
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+        )
+
+        probe = LoraConfig(
+            r=config["r"],
+            target_modules=list(config["target_modules"]),
+            target_parameters=list(config["target_parameters"] or []),
+        )
+        convert_peft_config_for_transformers(probe, model, conversions=None)
+    except Exception:  # no PEFT, another PEFT version, or a model PEFT cannot convert
+        return []
+    kept = set(probe.target_modules or [])
+    return [name for name in config["target_modules"] if name not in kept]

@@ -213,9 +213,15 @@ def import_peft(model: nn.Module, peft_dir, *, dtype: torch.dtype = torch.float3
         name = resolved[peft_name]
         t = found[name]
         if t is None:
+            owner, _, param = name.rpartition(".")  # a parameter target: name its module
+            what = (
+                f"a {type(modules[name]).__name__}"
+                if name in modules
+                else f"parameter {param!r} of a {type(modules.get(owner)).__name__}"
+            )
             raise ValueError(
-                f"PEFT target {peft_name!r} is a {type(modules[name]).__name__}; only nn.Linear, "
-                "Conv1D and fused expert weights import"
+                f"PEFT target {peft_name!r} is {what}; only nn.Linear, Conv1D and fused expert "
+                "weights import (a router or other 2-D parameter is not adapted by modlora)"
             )
         bad = [role for role, v in pair.items() if not v.is_floating_point()]
         if bad:

@@ -2,6 +2,7 @@
 one fused 3-D expert weight — with its widths, storage orientation and device.
 """
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,21 @@ def is_conv1d(module: nn.Module) -> bool:
 def is_target_type(module: nn.Module) -> bool:
     """True for the layer types an adapter can attach to."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def returns_tuple(module: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass whose ``forward`` is declared to return a tuple — a MoE router
+    such as PhiMoE's ``PhimoeTopKRouter`` (``(logits, weights, experts)``): its output is not
+    the layer's ``x Wᵀ``, so no delta can be added to it."""
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return False
+    try:
+        annotation = inspect.signature(forward).return_annotation
+    except (TypeError, ValueError):
+        return False
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return annotation is tuple or text.startswith(("tuple[", "typing.Tuple", "Tuple["))
 
 
 def is_quantized(module: nn.Module) -> bool:

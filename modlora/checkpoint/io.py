@@ -32,12 +32,13 @@ class CheckpointError(ValueError):
 
 
 def as_path(path, what: str = "path") -> Path:
-    """``path`` (a ``str`` or ``os.PathLike``) as a :class:`~pathlib.Path`; ``TypeError`` else."""
+    """``path`` (a ``str`` or ``os.PathLike``) as a :class:`~pathlib.Path`, a leading ``~``
+    expanded to the user's home (as a shell does); ``TypeError`` else."""
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"{what} must be a str or os.PathLike, got {type(path).__name__}")
-    return Path(path)
+    return Path(path).expanduser()
 
 
 @dataclass

@@ -30,8 +30,13 @@ _LEGACY_KEYS = ("r", "alpha", "targets", "layer_range", "kind", "selection_score
 
 
 def is_legacy(file: StoredFile) -> bool:
+    return has_legacy_keys(file.tensors)
+
+
+def has_legacy_keys(keys) -> bool:
+    """Every tensor key is a seed role prefix (``A.``, ``B.``, ``U.``…) plus a module name."""
     prefixes = tuple(f"{role}." for roles in LEGACY_ROLES.values() for role in roles)
-    keys = list(file.tensors)
+    keys = list(keys)
     return bool(keys) and all(k.startswith(prefixes) for k in keys)
 
 

@@ -11,6 +11,7 @@ from .._types import Coeff
 from ..coefficient import validate_coeff
 from ..kinds import KINDS
 from ..sharding import any_sharded, process_rank, write_on_rank0
+from .io import as_path
 from .spec import file_tensors, metadata_of
 from .write import atomic_write, destination
 
@@ -79,4 +80,4 @@ def save_adapter(
     def write(tmp: Path) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
 
-    return write_on_rank0(lambda: atomic_write(path, write), Path(path), collective=sharded)
+    return write_on_rank0(lambda: atomic_write(path, write), as_path(path), collective=sharded)

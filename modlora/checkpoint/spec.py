@@ -31,7 +31,14 @@ from ..applied import base_weight
 from ..digest import FINGERPRINT_METHOD, sample_fingerprint, tensors_digest, weight_fingerprint
 from ..kinds import kind_class
 from ..sharding import full_tensor
-from .io import INTEGRITY, CheckpointError, StoredFile, header_metadata, metadata_digest
+from .io import (
+    INTEGRITY,
+    CheckpointError,
+    StoredFile,
+    header_metadata,
+    header_only,
+    metadata_digest,
+)
 
 FORMAT_VERSION = 1
 PLAIN_KEYS = ("format_version", "modlora_version", "kind", "dtype")
@@ -283,10 +290,19 @@ def read_metadata(path: str | os.PathLike) -> dict:
     str → str metadata plus ``"format_version": 0``.
 
     Raises:
-        CheckpointError: the file is not a safetensors file, or a JSON field is malformed.
+        CheckpointError: the file is not a safetensors file, not a modlora checkpoint (neither
+            v1 metadata nor the seed's tensor keys), or a JSON field is malformed.
     """
     raw = header_metadata(path)
     if "format_version" not in raw:
+        from .legacy import has_legacy_keys  # legacy imports this module
+
+        keys = [k for k in header_only(path) if k != "__metadata__"]
+        if not has_legacy_keys(keys):
+            raise CheckpointError(
+                f"{path}: not a modlora checkpoint (no 'format_version' metadata and no legacy "
+                f"tensor keys; keys {sorted(keys)[:5]})"
+            )
         return {**raw, "format_version": 0}
     out = {}
     for key, value in raw.items():
