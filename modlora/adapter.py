@@ -13,9 +13,7 @@ adapter's tensors under ``<layer>.<slot>.<role>``: detach first to save the plai
 
 The kind protocol every subclass implements is :class:`~modlora.kinds.AdapterKind`.
 
-``torch.compile``: compiled models see adapters attach and detach (dynamo's hook guards are
-turned on, see :func:`~modlora.hooks.let_compiled_code_see_hooks`); each adapter keeps one hook
-object, so a ``with`` block toggles between two cached graphs.
+Compiled models see adapters attach and detach (:func:`~modlora.hooks.let_compiled_code_see_hooks`).
 """
 
 import copy
@@ -46,8 +44,7 @@ def describe_model(model: nn.Module) -> str:
 class LowRankAdapter(AdapterKind, nn.Module):
     """Base class: an adapter whose delta on each target is ``c · scale · B @ A``.
 
-    A kind subclasses it, implements :class:`~modlora.kinds.AdapterKind`, and registers with
-    ``@register_kind``.
+    A kind subclasses it, implements :class:`~modlora.kinds.AdapterKind`, is ``@register_kind``.
 
     Attributes:
         layout: the :class:`~modlora.layout.TargetLayout` the adapter was built on.
@@ -111,16 +108,7 @@ class LowRankAdapter(AdapterKind, nn.Module):
         """The dtype of the adapter's tensors: the constructor's ``dtype`` until torch's own
         ``.to()`` / ``.half()`` / ``.double()`` (or a cast of the model while attached) changes
         it. A checkpoint records this one, so the file matches the tensors it holds."""
-        dtypes = {
-            t.dtype
-            for _, part in self.parts.items()
-            for t in part.tensors().values()
-            if t.is_floating_point()
-        }
-        if len(dtypes) == 1:
-            return dtypes.pop()
-        # no parts yet, or mixed dtypes (save refuses those): the constructor's
-        return self.__dict__.get("_dtype", torch.float32)
+        return self.parts.dtype(default=self.__dict__.get("_dtype", torch.float32))
 
     @dtype.setter
     def dtype(self, value: torch.dtype) -> None:
@@ -292,8 +280,8 @@ class LowRankAdapter(AdapterKind, nn.Module):
 
     # ------------------------------------------------------------------ copies
     def __deepcopy__(self, memo: dict) -> "LowRankAdapter":
-        """A copy of the whole model copies its attached adapter with it (hooks and all); a copy
-        of the adapter alone is a detached adapter on the same base model."""
+        """A copy of the model copies its attached adapter (hooks and all); a copy of the adapter
+        alone is a detached adapter on the same base model."""
         model = self._model
         with_model = id(model) in memo
         if not with_model:

@@ -30,10 +30,10 @@ from ._types import Coeff
 from .checkpoint import AdapterFactors, read_factors, write_folder
 from .checkpoint.folder import MANIFEST
 from .checkpoint.io import as_path
-from .checkpoint.validate import base_differences, report_base
 from .hooks import add_delta
 from .kinds import kind_class
 from .layout import resolve_target
+from .merge_base import check_folder_base
 from .merge_check import (
     MergeError,
     MergeReport,
@@ -45,7 +45,6 @@ from .merge_experts import (
     DTYPES,
     Plan,
     converted_deltas,
-    fused_from_pieces,
     merge_converted,
     merge_fused,
     plan_fused,
@@ -141,37 +140,6 @@ def _plan_one(model_dir, name, a, b, weight_map, modules, tied_out, header) -> P
     return Plan(name, key, shard, transposed, DTYPES[dtype])
 
 
-def _check_base(
-    model_dir: Path, adapter: AdapterFactors, plans: dict, policy: str, skeleton
-) -> None:
-    """The loader's base check (:mod:`modlora.checkpoint.validate`), on the weights as stored in
-    the folder's shards. A fused weight stored per expert is put back together from its
-    per-expert tensors (possibly across shards) and compared like the live one."""
-    if policy == "ignore":
-        return
-    differ, pieces = [], {}  # pieces: {fused target: {disk key: tensor}} until it is whole
-    for shard in sorted({p.shard for found in plans.values() for p in found}):
-        tensors, _ = shard_tensors(model_dir / shard)  # one shard in memory at a time
-        weights = {}
-        for name, found in plans.items():
-            here = [p for p in found if p.shard == shard]
-            if not here:
-                continue
-            if found[0].converted:
-                parts = pieces.setdefault(name, {})
-                parts.update({p.key: tensors[p.key] for p in here})
-                if len(parts) == len(found):
-                    target = resolve_target(skeleton, name)
-                    fused = fused_from_pieces(target, skeleton, pieces.pop(name))
-                    weights[name] = (fused, None)
-            else:
-                stored = tensors[found[0].key]
-                dense = stored.transpose(-2, -1) if found[0].transposed else stored
-                weights[name] = (stored, dense)
-        differ += base_differences(adapter.spec, weights)
-    report_base(adapter.spec, differ, policy, str(model_dir))
-
-
 def _merge_one(plan: Plan, weight: Tensor, a: Tensor, b: Tensor, rtol: float):
     logical = weight.T if plan.transposed else weight  # (d_out, d_in)
     new = merged_weight(logical, a, b)
@@ -240,7 +208,7 @@ def merge_checkpoint(
         )
     plans = _plan(model_dir, adapter, weight_map, skeleton, config)
     policy = check_base or kind_class(adapter.kind).base_check
-    _check_base(model_dir, adapter, plans, policy, skeleton)
+    check_folder_base(model_dir, adapter, plans, policy, skeleton)
     n_tensors = sum(len(found) for found in plans.values())
 
     results: dict = {}

@@ -132,6 +132,17 @@ class Parts(nn.Module):
         """``(target name, part)`` in the order they were added (model order)."""
         return self._by_name.items()
 
+    def dtype(self, default: torch.dtype) -> torch.dtype:
+        """The one floating dtype of the parts' tensors; ``default`` when there are no parts yet
+        or they mix dtypes (a save refuses those)."""
+        dtypes = {
+            t.dtype
+            for _, part in self.items()
+            for t in part.tensors().values()
+            if t.is_floating_point()
+        }
+        return dtypes.pop() if len(dtypes) == 1 else default
+
     def tensors(self) -> dict[str, dict[str, Tensor]]:
         """``{target: {role: tensor}}`` (the live tensors, not copies)."""
         return {name: part.tensors() for name, part in self.items()}

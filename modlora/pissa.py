@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import checks
 from .adapter import LowRankAdapter
 from .blocks import DEFAULT_EXCLUDE, LayerRange
-from .calibration import Calibration, stats_key
+from .calibration import Calibration
 from .fit import factor_problems, require_dense
 from .kinds import register_kind
 from .layout import TargetLayout, selected
@@ -24,6 +24,7 @@ from .selection import (
     SELECTION_SCORES,
     SelectionScore,
     SvdMethod,
+    check_calibrated,
     direction_scores,
     select_directions,
     tail_depth,
@@ -114,7 +115,7 @@ class ModulatedPiSSA(LowRankAdapter):
         if factors is None:
             require_dense(layout, "PiSSA's SVD (or use LoRA)")
             if calibration is not None:
-                _check_calibrated(layout, calibration, score)
+                check_calibrated(layout, calibration, score)
         else:
             _check_factor_keys(model, layout, factors)
         super().__init__(model, layout)
@@ -277,32 +278,6 @@ def _indices(value) -> bool:
         )
 
     return ints(value) or (isinstance(value, list) and bool(value) and all(ints(v) for v in value))
-
-
-def _check_calibrated(layout, calibration: Calibration, score: str) -> None:
-    """Every target (every expert) is calibrated, and has rows in the splits ``score`` reads.
-
-    Raises:
-        KeyError: a target (expert) has no statistics.
-        ValueError: a target saw none of the calibration rows — typically an expert the router
-            sent no calibration token to; the message lists them.
-    """
-    needs = {"act_only": ("all",), "wanda": ("all",), "cho_rej_min_std": ("chosen", "rejected")}
-    # a split never collected at all keeps its own message (direction_scores)
-    splits = [split for split in needs.get(score, ()) if calibration.tokens(split) > 0]
-    empty = []
-    for t in layout:
-        for e in range(t.experts) if t.experts else [None]:
-            stats = calibration.for_target(t.name, e)
-            if any(split in stats and stats[split].count == 0 for split in splits):
-                empty.append(stats_key(t.name, e))
-    if empty:
-        raise ValueError(
-            f"selection_score={score!r} ranks directions by the calibration rows each target "
-            f"saw, but {len(empty)} target(s) saw none (experts the router sent no calibration "
-            f"token to): {empty[:8]}{'...' if len(empty) > 8 else ''}; calibrate on more "
-            "tokens, exclude them, or use selection_score='s_only'"
-        )
 
 
 def _check_factor_keys(model, layout, factors: Mapping[str, tuple[Tensor, Tensor, Tensor]]) -> None:

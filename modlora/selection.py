@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .calibration import RunningStats
+from .calibration import RunningStats, stats_key
 
 SelectionScore = Literal["s_only", "act_only", "wanda", "cho_rej_min_std"]
 SELECTION_SCORES = ("s_only", "act_only", "wanda", "cho_rej_min_std")
@@ -87,3 +87,29 @@ def top_singular(
     q = min(k, 2 * r + 24)  # oversampling for flat spectra: see the docstring
     u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
     return u[:, :r], s[:r], v[:, :r].T
+
+
+def check_calibrated(layout, calibration, score: str) -> None:
+    """Every target (every expert) is calibrated, and has rows in the splits ``score`` reads.
+
+    Raises:
+        KeyError: a target (expert) has no statistics.
+        ValueError: a target saw none of the calibration rows — typically an expert the router
+            sent no calibration token to; the message lists them.
+    """
+    needs = {"act_only": ("all",), "wanda": ("all",), "cho_rej_min_std": ("chosen", "rejected")}
+    # a split never collected at all keeps its own message (direction_scores)
+    splits = [split for split in needs.get(score, ()) if calibration.tokens(split) > 0]
+    empty = []
+    for t in layout:
+        for e in range(t.experts) if t.experts else [None]:
+            stats = calibration.for_target(t.name, e)
+            if any(split in stats and stats[split].count == 0 for split in splits):
+                empty.append(stats_key(t.name, e))
+    if empty:
+        raise ValueError(
+            f"selection_score={score!r} ranks directions by the calibration rows each target "
+            f"saw, but {len(empty)} target(s) saw none (experts the router sent no calibration "
+            f"token to): {empty[:8]}{'...' if len(empty) > 8 else ''}; calibrate on more "
+            "tokens, exclude them, or use selection_score='s_only'"
+        )

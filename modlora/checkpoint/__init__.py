@@ -8,6 +8,7 @@ module             what
 ``write``          the one atomic file writer and folder writer (manifest, swap, cleanup)
 ``spec``           format v1 both ways: metadata written, :class:`~.spec.Spec` parsed
 ``legacy``         the seed's format, parsed into the same :class:`~.spec.Spec`
+``metadata``       :func:`read_metadata`: a file's metadata decoded, tensors not loaded
 ``validate``       checks before anything is built: tensors, model fit, base weights
 ``load``           :func:`load_adapter`: validate, then the kind's ``rebuild``
 ``save``           :func:`save_adapter`
@@ -23,8 +24,9 @@ from .factors import AdapterFactors, read_factors
 from .folder import write_folder
 from .io import CheckpointError
 from .load import load_adapter, read_spec
+from .metadata import read_metadata
 from .save import save_adapter
-from .spec import FORMAT_VERSION, read_metadata
+from .spec import FORMAT_VERSION
 from .validate import BaseCheck
 from .write import atomic_write
 

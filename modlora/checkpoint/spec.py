@@ -17,7 +17,6 @@ and the kind's own fields (its ``config()``: LoRA ``rank_pattern`` / ``alpha_pat
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,8 +34,6 @@ from .io import (
     INTEGRITY,
     CheckpointError,
     StoredFile,
-    header_metadata,
-    header_only,
     metadata_digest,
 )
 
@@ -281,35 +278,3 @@ def parse_v1(file: StoredFile) -> Spec:
         c=None if c is None else float(c),
         extra_meta=decoded["extra_meta"],
     )
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata of a checkpoint, decoded, without loading its tensors.
-
-    v1 files: JSON fields decoded (``format_version`` as an int). Legacy files: the raw
-    str → str metadata plus ``"format_version": 0``.
-
-    Raises:
-        CheckpointError: the file is not a safetensors file, not a modlora checkpoint (neither
-            v1 metadata nor the seed's tensor keys), or a JSON field is malformed.
-    """
-    raw = header_metadata(path)
-    if "format_version" not in raw:
-        from .legacy import has_legacy_keys  # legacy imports this module
-
-        keys = [k for k in header_only(path) if k != "__metadata__"]
-        if not has_legacy_keys(keys):
-            raise CheckpointError(
-                f"{path}: not a modlora checkpoint (no 'format_version' metadata and no legacy "
-                f"tensor keys; keys {sorted(keys)[:5]})"
-            )
-        return {**raw, "format_version": 0}
-    out = {}
-    for key, value in raw.items():
-        if key in ("modlora_version", "kind", "dtype"):
-            out[key] = value
-        elif key == "format_version":
-            out[key] = parse_version(value, path)
-        else:
-            out[key] = loads(raw, key, path)
-    return out
