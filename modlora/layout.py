@@ -31,6 +31,7 @@ from .target import (
     make_target,
     returns_tuple,
 )
+from .uncovered import uncovered_weights, warn_uncovered
 
 ALL_LINEAR = "all-linear"
 
@@ -201,6 +202,8 @@ def find_targets(
             f"no target left for {type(model).__name__}: targets={patterns}, exclude={exclude}, "
             f"layer_range={layer_range} (block list {blocks})"
         )
+    if ALL_LINEAR in patterns:
+        warn_uncovered(model, uncovered_weights(model, set(found), exclude))
     return TargetLayout(
         targets=found,
         blocks=blocks,
