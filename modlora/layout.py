@@ -31,7 +31,7 @@ from .target import (
     make_target,
     returns_tuple,
 )
-from .uncovered import uncovered_weights, warn_uncovered
+from .uncovered import uncovered_weights, warn_output_layer, warn_uncovered
 
 ALL_LINEAR = "all-linear"
 
@@ -204,6 +204,7 @@ def find_targets(
         )
     if ALL_LINEAR in patterns:
         warn_uncovered(model, uncovered_weights(model, set(found), exclude))
+        warn_output_layer(model, found, patterns, exclude)
     return TargetLayout(
         targets=found,
         blocks=blocks,

@@ -7,12 +7,13 @@ w2``, a Mamba mixer's ``A_log`` and ``conv1d`` — so :func:`warn_uncovered` nam
 at every selection with ``all-linear``).
 """
 
+import re
 from collections.abc import Sequence
 
 from loguru import logger
 from torch import nn
 
-from .blocks import matches_any
+from .blocks import DEFAULT_EXCLUDE, matches_any
 
 ROUTER_NAMES = ("gate", "router")
 """Last name components of MoE routers: left alone by design (README, "Mixture-of-experts")."""
@@ -48,3 +49,26 @@ def warn_uncovered(model: nn.Module, names: list[str]) -> None:
             type(model).__name__,
             names[:5],
         )
+
+
+def warn_output_layer(
+    model: nn.Module, found, patterns: Sequence[str], exclude: Sequence[str]
+) -> None:
+    """Warn when ``all-linear`` alone selected the model's output layer (``lm_head``). The default
+    ``exclude`` skips it, but a given ``exclude`` replaces the default, and PEFT's ``all-linear``
+    never takes it: likely not what was meant (a pattern naming it says it was)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if head is None or name not in found:
+        return
+    if any(p != "all-linear" and re.search(p, name) for p in patterns):
+        return
+    logger.warning(
+        "modlora: all-linear selected the output layer {!r} (exclude={} does not name it; the "
+        "default exclude is {}): add {!r} to exclude unless you mean to adapt it",
+        name,
+        list(exclude),
+        list(DEFAULT_EXCLUDE),
+        name,
+    )

@@ -50,3 +50,18 @@ def test_models_whose_weights_are_all_covered_stay_quiet(build):
     model = build()
     _, messages = _warnings(lambda: ml.ModulatedLoRA(model, r=2))
     assert messages == []
+
+
+def test_all_linear_taking_the_output_layer_is_said():
+    """``exclude`` replaces the default (which skips ``lm_head``): ``all-linear`` then takes the
+    output layer, which PEFT's ``all-linear`` never does — said, not refused."""
+    model = tiny.llama()
+    layout, messages = _warnings(lambda: ml.find_targets(model, exclude=["q_proj"]))
+    assert "lm_head" in layout.names
+    assert len(messages) == 1 and "output layer 'lm_head'" in messages[0]
+    for quiet in (
+        lambda: ml.find_targets(model),  # the default exclude skips it
+        lambda: ml.find_targets(model, targets=["all-linear", "lm_head"], exclude=[]),  # named
+    ):
+        _, messages = _warnings(quiet)
+        assert messages == []
