@@ -203,7 +203,7 @@ def find_targets(
             f"layer_range={layer_range} (block list {blocks})"
         )
     if ALL_LINEAR in patterns:
-        warn_uncovered(model, uncovered_weights(model, set(found), exclude))
+        warn_uncovered(model, uncovered_weights(model, {n for n, _ in candidates}, exclude))
         warn_output_layer(model, found, patterns, exclude)
     return TargetLayout(
         targets=found,

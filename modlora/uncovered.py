@@ -25,8 +25,8 @@ def _is_router(name: str, module: nn.Module) -> bool:
 
 def uncovered_weights(model: nn.Module, covered: set[str], exclude: Sequence[str]) -> list[str]:
     """Qualified names of the weight matrices (2-D or more; per-expert biases are not) that no
-    target covers and ``exclude`` does not name; ``covered`` holds the target names (modules and
-    fused expert parameters)."""
+    adapter could take and ``exclude`` does not name; ``covered`` holds every candidate target
+    (linear layers and fused expert parameters, selected or not by this ``layer_range``)."""
     out = []
     for name, module in model.named_modules():
         if name in covered or matches_any(name, exclude):

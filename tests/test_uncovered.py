@@ -39,6 +39,9 @@ def test_weights_no_target_covers_are_named():
     assert "model.layers.0.mlp.experts.w1" in messages[0]
     assert "model.layers.0.mlp.q_proj" not in messages[0]
     assert not any("experts" in name for name in layout.names)  # still not targets
+    # linear layers left out by layer_range are adaptable, just not selected: not named
+    _, banded = _warnings(lambda: ml.find_targets(model, layer_range=(1, 3)))
+    assert len(banded) == 1 and "q_proj" not in banded[0]
     # a selection by pattern says nothing: the user named what they want
     _, quiet = _warnings(lambda: ml.find_targets(model, targets=["q_proj"]))
     assert quiet == []
