@@ -1,9 +1,9 @@
 """Checkpoint format v1 did not change with the nn.Module redesign.
 
-Files written by release 0.1.0 (``tests/fixtures/release_0_1``, made by
-``tests/fixtures/make_release_0_1.py`` before the redesign) load and reproduce the logits stored
-beside them; files written now carry the same metadata keys and load in release 0.1.0's reader
-(taken from the git history when it is available).
+Files written by release 0.1.0 (its code taken from the git history, run on
+``tests/release_0_1_writer.py``) load and reproduce the logits it stored beside them; files written
+now carry the same metadata keys and load in release 0.1.0's reader. Without the git history
+(an exported tree) these tests skip.
 """
 
 import json
@@ -21,26 +21,48 @@ from safetensors.torch import load_file
 import modlora as ml
 from tests import tiny
 
-FIXTURES = Path(__file__).parent / "fixtures" / "release_0_1"
+ROOT = Path(__file__).resolve().parents[1]
 RELEASE_0_1 = "44220c6"
 C = 1.3
 ADDED_KEYS = {"integrity"}
 """Optional, JSON-encoded metadata keys added after 0.1.0 (release 0.1.0's reader ignores them)."""
 
 
-def _stored_base():
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> tuple[Path, Path]:
+    """``(release 0.1.0's package folder, the files it wrote)``."""
+    root = tmp_path_factory.mktemp("release_0_1")
+    old = _release_0_1_package(root / "old")
+    if old is None:
+        pytest.skip("release 0.1.0's code is not in this checkout's git history")
+    files = root / "files"
+    files.mkdir()
+    done = _run_release_0_1(old, ["-m", "tests.release_0_1_writer", str(files)], root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return old, files
+
+
+def _run_release_0_1(old: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python <args>`` with release 0.1.0's modlora first on the path (then this checkout, for
+    ``tests.tiny``), outside the checkout so its own ``modlora`` is not found first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(old), str(ROOT)])}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def _stored_base(files: Path):
     model = tiny.llama()
-    model.load_state_dict(load_file(str(FIXTURES / "base.safetensors")))
+    model.load_state_dict(load_file(str(files / "base.safetensors")))
     return model.eval()
 
 
 @pytest.mark.parametrize("kind", ["lora", "pissa", "history"])
-def test_release_0_1_files_load_and_give_the_stored_outputs(kind):
-    model, outputs = _stored_base(), load_file(str(FIXTURES / "outputs.safetensors"))
+def test_release_0_1_files_load_and_give_the_stored_outputs(release, kind):
+    _, files = release
+    model, outputs = _stored_base(files), load_file(str(files / "outputs.safetensors"))
     x = outputs["tokens"]
     with torch.no_grad():
         assert torch.equal(model(x).logits, outputs["base"])
-        adapter = ml.load_adapter(model, FIXTURES / f"{kind}.safetensors")
+        adapter = ml.load_adapter(model, files / f"{kind}.safetensors")
         if kind == "history":
             got = model(x).logits
             adapter.remove()
@@ -52,18 +74,19 @@ def test_release_0_1_files_load_and_give_the_stored_outputs(kind):
     assert not torch.allclose(got, outputs["base"])
 
 
-def test_files_written_now_have_the_release_0_1_metadata_keys(tmp_path):
-    model = _stored_base()
+def test_files_written_now_have_the_release_0_1_metadata_keys(release, tmp_path):
+    _, files = release
+    model = _stored_base(files)
     for kind in ("lora", "pissa", "history"):
-        old = ml.read_metadata(FIXTURES / f"{kind}.safetensors")
-        adapter = ml.load_adapter(model, FIXTURES / f"{kind}.safetensors", attach=False)
+        old = ml.read_metadata(files / f"{kind}.safetensors")
+        adapter = ml.load_adapter(model, files / f"{kind}.safetensors", attach=False)
         adapter.save(tmp_path / f"{kind}.safetensors")
         new = ml.read_metadata(tmp_path / f"{kind}.safetensors")
         assert old.keys() <= new.keys(), kind
         assert new.keys() - old.keys() <= ADDED_KEYS, kind  # only optional keys are added
         same = {k for k in old if k != "modlora_version" and old[k] == new[k]}
         assert same == set(old) - {"modlora_version"}, sorted(set(old) - same)
-        tensors_old = load_file(str(FIXTURES / f"{kind}.safetensors"))
+        tensors_old = load_file(str(files / f"{kind}.safetensors"))
         tensors_new = load_file(str(tmp_path / f"{kind}.safetensors"))
         assert tensors_old.keys() == tensors_new.keys()
         assert all(torch.equal(tensors_old[k], tensors_new[k]) for k in tensors_old)
@@ -71,11 +94,10 @@ def test_files_written_now_have_the_release_0_1_metadata_keys(tmp_path):
 
 def _release_0_1_package(dest: Path) -> Path | None:
     git = shutil.which("git")
-    root = Path(__file__).resolve().parents[1]
-    if git is None or not (root / ".git").exists():
+    if git is None or not (ROOT / ".git").exists():
         return None
     archive = subprocess.run(
-        [git, "-C", str(root), "archive", RELEASE_0_1, "modlora"], capture_output=True
+        [git, "-C", str(ROOT), "archive", RELEASE_0_1, "modlora"], capture_output=True
     )
     if archive.returncode != 0:
         return None
@@ -84,14 +106,12 @@ def _release_0_1_package(dest: Path) -> Path | None:
     return dest
 
 
-def test_files_written_now_load_in_the_release_0_1_reader(tmp_path):
-    old = _release_0_1_package(tmp_path / "old")
-    if old is None:
-        pytest.skip("release 0.1.0's code is not in this checkout's git history")
-    model = _stored_base()
-    outputs = load_file(str(FIXTURES / "outputs.safetensors"))
+def test_files_written_now_load_in_the_release_0_1_reader(release, tmp_path):
+    old, files = release
+    model = _stored_base(files)
+    outputs = load_file(str(files / "outputs.safetensors"))
     for kind in ("lora", "pissa", "history"):
-        adapter = ml.load_adapter(model, FIXTURES / f"{kind}.safetensors", attach=False)
+        adapter = ml.load_adapter(model, files / f"{kind}.safetensors", attach=False)
         adapter.save(tmp_path / f"{kind}.safetensors")
     script = textwrap.dedent(
         f"""
@@ -100,9 +120,9 @@ def test_files_written_now_load_in_the_release_0_1_reader(tmp_path):
         from tests import tiny
         assert modlora.__version__ == "0.1.0", modlora.__file__
         model = tiny.llama()
-        model.load_state_dict(load_file({str(FIXTURES / "base.safetensors")!r}))
+        model.load_state_dict(load_file({str(files / "base.safetensors")!r}))
         model.eval()
-        x = load_file({str(FIXTURES / "outputs.safetensors")!r})["tokens"]
+        x = load_file({str(files / "outputs.safetensors")!r})["tokens"]
         out = {{}}
         with torch.no_grad():
             for kind in ("lora", "pissa", "history"):
@@ -117,11 +137,7 @@ def test_files_written_now_load_in_the_release_0_1_reader(tmp_path):
         print(json.dumps(out))
         """
     )
-    root = Path(__file__).resolve().parents[1]  # for tests.tiny; the old modlora comes first
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(old), str(root)])}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    done = _run_release_0_1(old, ["-c", script], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     for kind in ("lora", "pissa", "history"):
