@@ -166,8 +166,8 @@ def find_targets(
             )
         band = resolve_layer_range(tuple(layer_range), blocks.size)
 
-    candidates = candidate_targets(model)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # one walk of the module tree, shared below
+    candidates = candidate_targets(model, modules)
     hits: dict[str, int] = {p: 0 for p in patterns}
     found: dict[str, Target] = {}
     for name, build in candidates:
@@ -203,8 +203,9 @@ def find_targets(
             f"layer_range={layer_range} (block list {blocks})"
         )
     if ALL_LINEAR in patterns:
-        warn_uncovered(model, uncovered_weights(model, {n for n, _ in candidates}, exclude))
-        warn_output_layer(model, found, patterns, exclude)
+        warn_uncovered(model, uncovered_weights(modules, {n for n, _ in candidates}, exclude))
+        regexes = [p for p in patterns if p != ALL_LINEAR]
+        warn_output_layer(model, modules, found, regexes, exclude)
     return TargetLayout(
         targets=found,
         blocks=blocks,
@@ -214,12 +215,15 @@ def find_targets(
     )
 
 
-def candidate_targets(model: nn.Module) -> list[tuple[str, Callable[[int | None], Target]]]:
+def candidate_targets(
+    model: nn.Module, modules: dict[str, nn.Module] | None = None
+) -> list[tuple[str, Callable[[int | None], Target]]]:
     """Every weight an adapter can attach to, in model order, as ``(name, build)`` pairs;
     ``build(block)`` makes the :class:`Target` (a fused expert weight's orientation is
-    established only then, so a weight nobody selects never raises)."""
+    established only then, so a weight nobody selects never raises). ``modules``: the model's
+    ``dict(named_modules())`` when the caller has it already."""
     hidden = hidden_size(model)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if modules is None else modules
     out = []
     for name, module in modules.items():
         if name and is_target_type(module):

@@ -23,12 +23,15 @@ def _is_router(name: str, module: nn.Module) -> bool:
     return name.rpartition(".")[2] in ROUTER_NAMES or "Router" in type(module).__name__
 
 
-def uncovered_weights(model: nn.Module, covered: set[str], exclude: Sequence[str]) -> list[str]:
+def uncovered_weights(
+    modules: dict[str, nn.Module], covered: set[str], exclude: Sequence[str]
+) -> list[str]:
     """Qualified names of the weight matrices (2-D or more; per-expert biases are not) that no
     adapter could take and ``exclude`` does not name; ``covered`` holds every candidate target
-    (linear layers and fused expert parameters, selected or not by this ``layer_range``)."""
+    (linear layers and fused expert parameters, selected or not by this ``layer_range``);
+    ``modules`` is the model's ``dict(named_modules())``."""
     out = []
-    for name, module in model.named_modules():
+    for name, module in modules.items():
         if name in covered or matches_any(name, exclude):
             continue
         if isinstance(module, nn.Embedding | nn.EmbeddingBag) or _is_router(name, module):
@@ -52,17 +55,20 @@ def warn_uncovered(model: nn.Module, names: list[str]) -> None:
 
 
 def warn_output_layer(
-    model: nn.Module, found, patterns: Sequence[str], exclude: Sequence[str]
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    found,
+    regexes: Sequence[str],
+    exclude: Sequence[str],
 ) -> None:
     """Warn when ``all-linear`` alone selected the model's output layer (``lm_head``). The default
     ``exclude`` skips it, but a given ``exclude`` replaces the default, and PEFT's ``all-linear``
-    never takes it: likely not what was meant (a pattern naming it says it was)."""
+    never takes it: likely not what was meant (one of the target ``regexes`` naming it says it
+    was)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    name = next((n for n, m in model.named_modules() if m is head), None)
-    if head is None or name not in found:
-        return
-    if any(p != "all-linear" and re.search(p, name) for p in patterns):
+    name = next((n for n, m in modules.items() if m is head), None)
+    if head is None or name not in found or any(re.search(p, name) for p in regexes):
         return
     logger.warning(
         "modlora: all-linear selected the output layer {!r} (exclude={} does not name it; the "
